@@ -1,0 +1,261 @@
+"""Decide which linears to sample: only those whose full input sampling actually releases.
+
+Why: sampling a linear saves its *weight-gradient* copy of ``x`` only. The memory comes back only
+if nothing else keeps ``x`` for backward — and often something does: q/k/v share one input, an
+activation's backward may need the very tensor the next linear reads, and the partitioner may save
+a tensor or recompute it from another one it keeps anyway. Those facts live in the AOTAutograd
+joint graph and the partitioner's choice of saved tensors, not in the model code.
+
+How: trace the graph through AOTAutograd twice, with the same decompositions and min-cut
+partitioner the inner compiler uses: once as it is (dense) and once with every eligible site
+(trainable weight, allowed by include/exclude, ratio < 1) rewritten to the sampled op. For each
+site with input ``x``, resolved through views to its storage root ``R``:
+
+* ``R`` is still saved, or recomputed in backward, in the sampled trace → another backward needs
+  the full input: ``adds-memory`` (sampling would only add the compact copy); left dense.
+* ``R`` is not saved by the dense trace either (the partitioner recomputes it from something it
+  keeps anyway, e.g. a GELU output from its input) → ``frees-nothing``; left dense.
+* otherwise → ``frees``: sampling releases ``bytes(R)`` minus the compact rows of every site
+  reading it. Sites sharing one root (q/k/v) are decided together, and a group whose compact
+  copies would outweigh the root (three siblings at ratio 0.5) is ``adds-memory``.
+
+The two traces name their nodes differently, so tensors are matched by provenance: the dynamo
+node they came from (``from_node``) plus numel, dtype and ordinal.
+
+Only decisions change here (``LinearSite.sampled``/``verdict``/``reason``/``freed_bytes``); the
+graph itself is rewritten by :mod:`wtacompile.passes.rewrite_sampled`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch._functorch.partitioners import get_default_op_list, min_cut_rematerialization_partition
+
+from wtacompile.config import WTAConfig
+from wtacompile.estimator import num_kept_rows
+from wtacompile.report import ADDS_MEMORY, FREES, FREES_NOTHING, SKIPPED, LinearSite
+from .find_linears import META_KEY, size_hint as _hint
+from .rewrite_sampled import rewrite_sampled
+
+__all__ = ["analyze_savings", "trace_partition", "PartitionTrace"]
+
+_SAMPLED_OP = "wtacompile.sampled_linear.default"
+
+
+@dataclass
+class PartitionTrace:
+    """The joint graph and the partitioner's split of it."""
+
+    joint: fx.GraphModule
+    forward: fx.GraphModule
+    backward: fx.GraphModule
+    num_fwd_outputs: int
+
+    @functools.cached_property
+    def saved_roots(self) -> set[str]:
+        """Joint-graph names of the storages the forward saves for backward."""
+        out = self.forward.graph.find_nodes(op="output")[0]
+        saved = out.args[0][self.num_fwd_outputs:]
+        return {_root(n).name for n in saved if isinstance(n, fx.Node) and _is_tensor(n)}
+
+    @functools.cached_property
+    def recomputed(self) -> set[str]:
+        """Forward nodes the backward graph recomputes (copied under their joint names)."""
+        return {n.name for n in self.backward.graph.nodes if n.op == "call_function"}
+
+    def saved_bytes(self) -> int:
+        nodes = {n.name: n for n in self.joint.graph.nodes}
+        return sum(_nbytes(nodes[name]) for name in self.saved_roots if name in nodes)
+
+
+def trace_partition(gm: fx.GraphModule, config: WTAConfig) -> PartitionTrace:
+    """Trace ``gm`` through AOTAutograd the way the inner compiler will, returning the split."""
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    captured: dict = {}
+    partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor")
+
+    def recording_partition(joint, joint_inputs, **kwargs):
+        forward, backward = partition(joint, joint_inputs, **kwargs)
+        captured["trace"] = PartitionTrace(joint, forward, backward, kwargs["num_fwd_outputs"])
+        return forward, backward
+
+    decompositions = None
+    if config.inner == "inductor":
+        from torch._inductor.decomposition import select_decomp_table
+
+        decompositions = select_decomp_table()
+    example_inputs = [n.meta["example_value"] for n in gm.graph.find_nodes(op="placeholder")]
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    # A fresh tracing context: this trace must leave nothing behind for the real compile.
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+        aot_module_simplified(
+            gm, example_inputs, fw_compiler=boxed_nop, bw_compiler=boxed_nop,
+            partition_fn=recording_partition, decompositions=decompositions,
+        )
+    if "trace" not in captured:
+        raise RuntimeError("wtacrs analysis: AOTAutograd produced no joint graph to partition")
+    return captured["trace"]
+
+
+def analyze_savings(gm: fx.GraphModule, config: WTAConfig) -> fx.GraphModule:
+    """Set ``sampled``/``verdict``/``reason``/``freed_bytes`` on every :class:`LinearSite`."""
+    sites = [n.meta[META_KEY] for n in gm.graph.nodes if META_KEY in n.meta]
+    eligible = []
+    for site in sites:
+        site.sampled, site.verdict = False, SKIPPED
+        if not site.weight_requires_grad:
+            site.reason = "frozen weight: no activation saved for it"
+            continue
+        if site.keep_ratio is None:
+            site.reason = "excluded by include/exclude"
+            continue
+        if site.keep_ratio >= 1.0:
+            site.reason = "keep ratio 1.0: exact"
+            continue
+        eligible.append(site)
+    if not eligible:
+        return gm
+
+    dense = trace_partition(fx.GraphModule(gm, _copy_graph(gm.graph)), config)
+    for site in eligible:
+        site.sampled = True
+    trial = fx.GraphModule(gm, _copy_graph(gm.graph))
+    rewrite_sampled(trial, config)
+    sampled = trace_partition(trial, config)
+    # The rewrite gave the sampled nodes new names; the joint graph's provenance uses those.
+    renamed = {n.name: n.meta[META_KEY].node for n in trial.graph.nodes if META_KEY in n.meta}
+    dense_keys = _provenance_keys(dense.joint, {})
+    dense_saved_keys = {dense_keys[name] for name in dense.saved_roots if name in dense_keys}
+    _classify(sampled, eligible, renamed, dense_saved_keys, config.min_rows)
+    return gm
+
+
+def _classify(
+    trace: PartitionTrace,
+    eligible: list[LinearSite],
+    renamed: dict[str, str],
+    dense_saved_keys: set[tuple],
+    min_rows: int,
+) -> None:
+    by_node = {site.node: site for site in eligible}
+    keys = _provenance_keys(trace.joint, renamed)
+    groups: dict[str, list[LinearSite]] = defaultdict(list)
+    roots: dict[str, fx.Node] = {}
+    for node in trace.joint.graph.nodes:
+        if node.op != "call_function" or str(node.target) != _SAMPLED_OP:
+            continue
+        site = by_node.get(renamed.get(_dynamo_source(node), ""))
+        if site is None:
+            continue
+        root = _root(node.args[0])
+        site.input_root = root.name
+        groups[root.name].append(site)
+        roots[root.name] = root
+
+    for root_name, members in groups.items():
+        verdict, reason = _verdict(trace, roots[root_name], keys, dense_saved_keys)
+        compact = sum(_compact_bytes(s, min_rows) for s in members)
+        freed = _nbytes(roots[root_name]) - compact
+        if verdict == FREES and freed <= 0:
+            verdict = ADDS_MEMORY
+            reason = f"{len(members)} compact copies outweigh the input they replace"
+        shared = f" (input shared by {len(members)} linears)" if len(members) > 1 else ""
+        for site in members:
+            site.verdict = verdict
+            site.sampled = verdict == FREES
+            site.reason = reason + shared
+            site.freed_bytes = freed // len(members) if site.sampled else 0
+
+    for site in eligible:
+        if site.input_root is None:  # vanished from the trace (dead code): nothing to gain
+            site.sampled, site.verdict, site.reason = False, FREES_NOTHING, "not in the traced graph"
+
+
+def _verdict(
+    trace: PartitionTrace, root: fx.Node, keys: dict[str, tuple], dense_saved_keys: set[tuple]
+) -> tuple[str, str]:
+    if root.name in trace.saved_roots:
+        return ADDS_MEMORY, "full input stays saved for another op's backward"
+    if root.name in trace.recomputed:
+        return ADDS_MEMORY, "full input is recomputed for another op's backward"
+    if keys.get(root.name) not in dense_saved_keys:
+        return FREES_NOTHING, "dense training does not save this input either (recomputes it)"
+    return FREES, "input saved only for this weight gradient"
+
+
+def _provenance_keys(joint: fx.GraphModule, renamed: dict[str, str]) -> dict[str, tuple]:
+    """A name-independent key per joint-graph tensor, equal across two traces of one dynamo graph.
+
+    Joint-graph names depend on how many aten ops came before, which differs once some linears
+    are rewritten; the dynamo node a tensor came from (``from_node``) does not. Among tensors from
+    one dynamo node, (numel, dtype, ordinal) tells them apart (a layer norm's output vs its
+    statistics; a linear's output, whichever aten ops produced it).
+    """
+    keys: dict[str, tuple] = {}
+    seen: dict[tuple, int] = defaultdict(int)
+    for node in joint.graph.nodes:
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or _is_view(node):
+            continue
+        source = node.name if node.op == "placeholder" else _dynamo_source(node)
+        source = renamed.get(source, source)
+        base = (source, _hint(value.numel()), value.dtype)
+        keys[node.name] = (*base, seen[base])
+        seen[base] += 1
+    return keys
+
+
+@functools.cache
+def _op_types():
+    return get_default_op_list()
+
+
+def _is_view(node: fx.Node) -> bool:
+    target = node.target
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    return bool(getattr(target, "is_view", False)) or _op_types().is_view(node)
+
+
+def _root(node: fx.Node) -> fx.Node:
+    """The node owning the storage that ``node`` views."""
+    while _is_view(node):
+        node = node.args[0]
+    return node
+
+
+def _dynamo_source(node: fx.Node) -> str | None:
+    chain = node.meta.get("from_node")
+    return chain[0].name if chain else None
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    new_graph = fx.Graph()
+    output = new_graph.graph_copy(graph, {})
+    new_graph.output(output)
+    return new_graph
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _nbytes(node: fx.Node) -> int:
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return 0
+    return _hint(value.numel()) * value.element_size()
+
+
+def _compact_bytes(site: LinearSite, min_rows: int) -> int:
+    itemsize = torch.empty((), dtype=getattr(torch, site.dtype)).element_size()
+    k = num_kept_rows(site.rows, site.keep_ratio, min_rows)
+    return k * site.in_features * itemsize + k * 8
+

@@ -1,0 +1,32 @@
+"""wtacompile: fine-tune transformers in less memory by sampling what linear layers save.
+
+* :func:`sampled_linear` — ``F.linear`` whose weight gradient is the WTA-CRS estimate from
+  a sampled, rescaled subset of input rows (output, ``dX`` and ``db`` exact).
+* :func:`sample_linears` — eager mode on an unmodified model.
+* ``torch.compile(model, backend="wtacrs", options=...)`` — the compiler backend
+  (see :class:`WTAConfig` for options, :func:`last_compile_report` for what it decided).
+"""
+
+from wtacompile.config import WTAConfig
+from wtacompile.eager import sample_linears
+from wtacompile.estimator import METHODS, RowSelection, num_kept_rows, select_rows
+from wtacompile.memory import SavedTensorMeter
+from wtacompile.ops import sampled_linear
+from wtacompile.report import GraphReport, LinearSite, compile_reports, last_compile_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "GraphReport",
+    "LinearSite",
+    "RowSelection",
+    "SavedTensorMeter",
+    "WTAConfig",
+    "compile_reports",
+    "last_compile_report",
+    "num_kept_rows",
+    "sample_linears",
+    "sampled_linear",
+    "select_rows",
+]

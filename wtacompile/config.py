@@ -1,0 +1,111 @@
+"""The one frozen, validated configuration that flows from ``torch.compile(options=...)`` to every pass.
+
+Usage::
+
+    torch.compile(model, backend="wtacrs", options={"keep_ratio": 0.2, "exclude": ["*lm_head*"]})
+
+``WTAConfig.from_options`` rejects unknown keys (listing the valid ones) and out-of-range values,
+so a typo fails at compile time instead of silently training dense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from wtacompile.estimator import DEFAULT_MIN_ROWS, validate_sampling_args
+
+__all__ = ["WTAConfig", "INNER_COMPILERS"]
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(frozen=True)
+class WTAConfig:
+    """Options of the ``wtacrs`` backend.
+
+    Attributes:
+        keep_ratio: default fraction of rows kept per sampled linear, in ``(0, 1]`` (the paper's 0.3).
+        method: ``"wtacrs"``, ``"crs"``, ``"uniform"`` or ``"topk"`` (biased; ablations only).
+        min_rows: floor on the number of kept rows per call.
+        include: ``fnmatch`` patterns on weight names (``"*.mlp.*"``); empty means every linear.
+        exclude: patterns of weights never sampled; wins over ``include``.
+        keep_ratios: per-weight ratios (weight FQN → ratio), e.g. from a plan; overrides
+            ``keep_ratio``. A ratio of 1.0 leaves that linear exact.
+        inner: the compiler the rewritten graph goes on to: ``"inductor"`` (default),
+            ``"aot_eager"`` (debugging; no codegen) or ``"eager"`` (no AOTAutograd at all — the
+            rewrite still applies, through autograd).
+        report: record every decision for :func:`wtacompile.last_compile_report`.
+    """
+
+    keep_ratio: float = 0.3
+    method: str = "wtacrs"
+    min_rows: int = DEFAULT_MIN_ROWS
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    keep_ratios: tuple[tuple[str, float], ...] = field(default=())
+    inner: str = "inductor"
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        validate_sampling_args(self.keep_ratio, self.method, self.min_rows)
+        if self.inner not in INNER_COMPILERS:
+            raise ValueError(
+                f"unknown inner compiler {self.inner!r}; choose one of {', '.join(INNER_COMPILERS)}"
+            )
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                raise ValueError(f"{name} must be a list of fnmatch patterns, got {patterns!r}")
+        for fqn, ratio in self.keep_ratios:
+            try:
+                validate_sampling_args(ratio, self.method, self.min_rows)
+            except ValueError as err:
+                raise ValueError(f"keep_ratios[{fqn!r}]: {err}") from None
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | WTAConfig | None) -> WTAConfig:
+        """Build from ``torch.compile(options=...)``; unknown keys raise ``ValueError``."""
+        if options is None:
+            return cls()
+        if isinstance(options, WTAConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"options must be a dict, got {type(options).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown wtacrs option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options are: {', '.join(valid)}"
+            )
+        kwargs = dict(options)
+        for name in ("include", "exclude"):
+            if name in kwargs:
+                value = kwargs[name]
+                kwargs[name] = (value,) if isinstance(value, str) else tuple(value)
+        if "keep_ratios" in kwargs:
+            ratios = kwargs["keep_ratios"]
+            items = ratios.items() if isinstance(ratios, Mapping) else ratios
+            kwargs["keep_ratios"] = tuple(sorted((str(k), float(v)) for k, v in items))
+        return cls(**kwargs)
+
+    def ratio_for(self, weight_name: str) -> float | None:
+        """The keep ratio for a weight, or ``None`` if include/exclude rule it out."""
+        if self.include and not any(fnmatch.fnmatchcase(weight_name, p) for p in self.include):
+            return None
+        if any(fnmatch.fnmatchcase(weight_name, p) for p in self.exclude):
+            return None
+        return dict(self.keep_ratios).get(weight_name, self.keep_ratio)
+
+    def fingerprint(self) -> str:
+        """A short stable hash of every field: different plans never share a compiled graph."""
+        payload = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+

@@ -1,0 +1,190 @@
+r"""Row selection for the sampled weight gradient (pure torch, no autograd).
+
+A linear layer ``Y = X Wᵀ + b`` with ``X`` flattened to ``(N, D)`` has the weight gradient
+
+.. math::
+
+    dW = dYᵀ X = \sum_{i=1}^{N} dY_iᵀ X_i ,
+
+a sum of one outer product per token row. Instead of saving all of ``X`` for backward we keep
+``k ≪ N`` rows, each multiplied by a scale, so that
+
+.. math::
+
+    \widehat{dW} = \sum_{t=1}^{k} s_t \, dY_{i_t}ᵀ X_{i_t},  \qquad  E[\widehat{dW}] = dW .
+
+Only the compact pre-scaled rows ``s_t X_{i_t}`` (``k × D``) and the indices ``i_t`` are saved;
+``dY`` arrives whole in backward and is gathered with the same indices.
+
+Methods (``p_i`` are selection probabilities proportional to the row scores):
+
+``"crs"``
+    Column-row sampling: ``k`` i.i.d. draws with replacement, ``P(i_t = i) = p_i``,
+    ``s_t = 1 / (k p_{i_t})``. Unbiased because
+    ``E[s_t dY_{i_t}ᵀ X_{i_t}] = Σ_i p_i · dY_iᵀX_i / (k p_i) = dW / k`` for each of the ``k`` draws,
+    provided ``p_i > 0`` wherever ``X_i ≠ 0`` (rows with ``X_i = 0`` contribute nothing).
+
+``"wtacrs"`` (default)
+    Winner-take-all CRS. The ``c`` rows with the largest ``p`` (the set ``C``, mass ``P_C``) are
+    kept exactly with ``s = 1``; the other ``k − c`` slots are i.i.d. draws from the remaining rows
+    with probabilities ``p_i / (1 − P_C)`` and ``s_t = (1 − P_C) / ((k − c) p_{i_t})``. The winners'
+    part is exact and the residual part is CRS on the residual sum, so the whole is unbiased.
+    ``c`` is chosen per call to minimise ``(1 − P_{top c}) / (k − c)`` over ``c = 0 … k−1``
+    (``c = 0`` is plain CRS with value ``1/k``), the variance proxy of the reference implementation.
+
+``"uniform"``
+    CRS with equal probabilities ``p_i = 1/N`` (``s = N/k``). Unbiased; the baseline.
+
+``"topk"``
+    The ``k`` highest-scoring rows with ``s = 1``. Deterministic and **biased** (it drops the
+    residual sum); for ablations only.
+
+Scores are the rows' L2 norms ``‖X_i‖``: the optimal CRS probabilities are
+``∝ ‖X_i‖·‖dY_i‖`` but ``dY`` is unknown when the rows must be chosen in forward.
+
+Edge cases, all without host synchronisation (every shape is fixed by ``k``):
+
+* All scores zero: ``X = 0`` so ``dW = 0``; probabilities fall back to uniform.
+* Rows whose score is NaN/Inf (a non-finite value in ``X``) are always kept, as winners with
+  ``s = 1``, so a non-finite value reaches the weight gradient exactly as in the dense op
+  (AMP's ``GradScaler`` relies on seeing it). The sampler itself never sees a NaN probability.
+* If the residual mass is zero (every unkept row is all-zero) the residual slots get ``s = 0``:
+  the winners alone are the exact gradient.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Literal, NamedTuple
+
+import torch
+
+Method = Literal["wtacrs", "crs", "uniform", "topk"]
+METHODS: tuple[str, ...] = ("wtacrs", "crs", "uniform", "topk")
+UNBIASED_METHODS: tuple[str, ...] = ("wtacrs", "crs", "uniform")
+DEFAULT_MIN_ROWS = 10  # the reference implementation's floor on k
+
+
+class RowSelection(NamedTuple):
+    """Which rows to keep and how to weight them: ``dW ≈ Σ_t scale[t]·dY[index[t]]ᵀ X[index[t]]``."""
+
+    index: torch.Tensor  # (k,) int64
+    scale: torch.Tensor  # (k,) float32
+
+
+def validate_sampling_args(keep_ratio: float, method: str, min_rows: int) -> None:
+    """Raise ``ValueError`` naming the fix for an out-of-range ratio, unknown method or bad floor."""
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
+        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    if not (0.0 < float(keep_ratio) <= 1.0):
+        raise ValueError(
+            f"keep_ratio must be in (0, 1], got {keep_ratio!r}; use 1.0 for the exact (dense) "
+            "weight gradient and e.g. 0.3 to keep 30% of the rows"
+        )
+    if method not in METHODS:
+        raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
+        raise ValueError(f"min_rows must be a positive int, got {min_rows!r}")
+
+
+def _as_fraction(keep_ratio: float) -> Fraction:
+    # 0.3 * 10 is 3.0000000000000004 in floats; ceil() of that would keep one row too many.
+    return Fraction(keep_ratio).limit_denominator(1 << 16)
+
+
+def num_kept_rows(n, keep_ratio: float, min_rows: int):
+    """``k = min(N, max(ceil(keep_ratio·N), min_rows))``, in exact rational arithmetic.
+
+    Works on ints and on ``SymInt`` (the fake implementation uses it under dynamic shapes), so the
+    real and the fake kernel agree on ``k`` by construction.
+    """
+    ratio = _as_fraction(keep_ratio)
+    ceil_kn = -((-n * ratio.numerator) // ratio.denominator)
+    if isinstance(n, int):
+        return min(n, max(ceil_kn, min_rows))
+    return torch.sym_min(n, torch.sym_max(ceil_kn, min_rows))
+
+
+def select_rows(
+    scores: torch.Tensor,
+    k: int,
+    method: str = "wtacrs",
+    generator: torch.Generator | None = None,
+) -> RowSelection:
+    """Choose ``k`` of the ``N = scores.numel()`` rows; see the module docstring for the math.
+
+    ``scores`` are non-negative per-row importance scores (row norms); non-finite scores mark rows
+    that are always kept. Returns int64 indices and float32 scales, both of length ``k``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+    scores = scores.float()
+    n = scores.numel()
+    device = scores.device
+    if k >= n:
+        return RowSelection(
+            torch.arange(n, device=device), torch.ones(n, device=device, dtype=torch.float32)
+        )
+
+    finite = torch.isfinite(scores)
+    num_forced = (~finite).sum()
+    if method == "uniform":
+        weights = finite.float()
+    else:
+        weights = torch.where(finite, scores.clamp_min(0.0), 0.0)
+    total = weights.sum()
+    # All-zero (finite) rows: X has no mass there, any unbiased rule works; use uniform.
+    weights = torch.where(total > 0, weights, finite.float())
+    total = weights.sum()
+    probs = weights / total.clamp_min(torch.finfo(torch.float32).tiny)
+
+    # Non-finite rows sort first, then by probability; the winners are a prefix of this order.
+    sort_key = torch.where(finite, probs, torch.inf)
+    order = torch.argsort(sort_key, descending=True, stable=True)
+    sorted_probs = probs[order]
+
+    positions = torch.arange(k + 1, device=device)
+    mass_before = torch.cat([sorted_probs.new_zeros(1), torch.cumsum(sorted_probs[:k], 0)])
+    residual_mass = (1.0 - mass_before).clamp_min(0.0)  # 1 − P_{top c}, c = 0..k
+
+    min_winners = torch.clamp(num_forced, max=k)
+    if method == "topk":
+        num_winners = torch.tensor(k, device=device)
+    elif method == "wtacrs":
+        slots = (k - positions).clamp_min(1).float()
+        objective = residual_mass / slots
+        # c = k (no residual draws) is allowed only when nothing is left to sample or forced.
+        exhausted = (residual_mass[k] <= 0) | (num_forced >= k)
+        objective[k] = torch.where(exhausted, 0.0, torch.inf)
+        objective = torch.where(positions < min_winners, torch.inf, objective)
+        num_winners = torch.argmin(objective)
+    else:  # crs, uniform: winners only where forced (non-finite rows)
+        num_winners = min_winners
+
+    # Residual draws: from rows at sorted position >= c, proportionally to p.
+    not_winner = torch.arange(n, device=device) >= num_winners
+    residual = torch.where(not_winner, sorted_probs, 0.0)
+    residual_total = residual.sum()
+    has_residual_mass = residual_total > 0
+    draw_weights = torch.where(has_residual_mass, residual, not_winner.float())
+    draws = torch.multinomial(draw_weights, k, replacement=True, generator=generator)
+
+    slot = positions[:k]
+    is_winner_slot = slot < num_winners
+    sorted_pick = torch.where(is_winner_slot, slot, draws)
+    index = order[sorted_pick]
+
+    num_draws = (k - num_winners).clamp_min(1).float()
+    picked_probs = sorted_probs[draws]
+    residual_scale = torch.where(
+        has_residual_mass & (picked_probs > 0),
+        residual_total / (num_draws * picked_probs.clamp_min(torch.finfo(torch.float32).tiny)),
+        0.0,
+    )
+    scale = torch.where(is_winner_slot, 1.0, residual_scale)
+    return RowSelection(index, scale.float())
+
+
+def row_scores(x2d: torch.Tensor) -> torch.Tensor:
+    """Per-row L2 norms in float32 (the sampling scores)."""
+    return torch.linalg.vector_norm(x2d.float(), dim=1)

@@ -1,0 +1,59 @@
+"""Measuring what autograd keeps for backward, independently of any report of ours.
+
+:class:`SavedTensorMeter` hooks every tensor that autograd saves (eager nodes, custom
+``autograd.Function`` s and the compiled graphs AOTAutograd builds alike, all of which go through
+``save_for_backward``) and counts the *distinct storages* behind them, minus the ones that belong
+to parameters or buffers: the bytes held alive from forward to backward because of training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["SavedTensorMeter", "storage_key"]
+
+
+def storage_key(t: torch.Tensor) -> tuple[str, int]:
+    storage = t.untyped_storage()
+    return (str(t.device), storage.data_ptr())
+
+
+class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
+    """Context manager counting saved-activation bytes.
+
+    Example::
+
+        with SavedTensorMeter(model.parameters()) as meter:
+            loss = model(x).sum()
+        print(meter.activation_bytes)
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self._excluded = {storage_key(t) for t in exclude}
+        self._storages: dict[tuple[str, int], int] = {}
+        super().__init__(self._pack, self._unpack)
+
+    def __enter__(self) -> SavedTensorMeter:
+        super().__enter__()
+        return self
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = storage_key(t)
+        if key not in self._excluded and t.device.type != "meta":
+            self._storages[key] = t.untyped_storage().nbytes()
+        return t
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes of the distinct non-parameter storages saved for backward."""
+        return sum(self._storages.values())
+
+    @property
+    def num_storages(self) -> int:
+        return len(self._storages)
