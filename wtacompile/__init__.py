@@ -12,7 +12,13 @@ from wtacompile.eager import sample_linears
 from wtacompile.estimator import METHODS, RowSelection, num_kept_rows, select_rows
 from wtacompile.memory import SavedTensorMeter
 from wtacompile.ops import sampled_linear
-from wtacompile.report import GraphReport, LinearSite, compile_reports, last_compile_report
+from wtacompile.report import (
+    GraphReport,
+    LinearSite,
+    clear_reports,
+    compile_reports,
+    last_compile_report,
+)
 
 __version__ = "0.1.0"
 
@@ -23,6 +29,7 @@ __all__ = [
     "RowSelection",
     "SavedTensorMeter",
     "WTAConfig",
+    "clear_reports",
     "compile_reports",
     "last_compile_report",
     "num_kept_rows",
