@@ -34,12 +34,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._functorch.partitioners import get_default_op_list, min_cut_rematerialization_partition
+from torch._functorch.partitioners import get_default_op_list
 
 from wtacompile.config import WTAConfig
 from wtacompile.estimator import num_kept_rows
 from wtacompile.report import ADDS_MEMORY, FREES, FREES_NOTHING, SKIPPED, LinearSite
 from .find_linears import META_KEY, size_hint as _hint
+from .pin_sampled_choices import pinned_min_cut_partition
 from .rewrite_sampled import rewrite_sampled
 
 __all__ = ["analyze_savings", "trace_partition", "PartitionTrace"]
@@ -79,10 +80,8 @@ def trace_partition(gm: fx.GraphModule, config: WTAConfig) -> PartitionTrace:
     from torch._functorch.aot_autograd import aot_module_simplified
 
     captured: dict = {}
-    partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor")
-
     def recording_partition(joint, joint_inputs, **kwargs):
-        forward, backward = partition(joint, joint_inputs, **kwargs)
+        forward, backward = pinned_min_cut_partition(joint, joint_inputs, **kwargs)
         captured["trace"] = PartitionTrace(joint, forward, backward, kwargs["num_fwd_outputs"])
         return forward, backward
 

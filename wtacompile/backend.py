@@ -67,14 +67,19 @@ def _inner_compiler(config: WTAConfig, mode: str | None) -> Callable:
     if config.inner == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        patches = torch._inductor.list_mode_options(mode) if mode not in (None, "default") else {}
+        from wtacompile.passes import PinSampledChoices
+
+        patches = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
+        patches["joint_custom_pre_pass"] = PinSampledChoices(torch._inductor.config.joint_custom_pre_pass)
         return functools.partial(compile_fx, config_patches=patches)
     if config.inner == "aot_eager":
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.backends.debugging import boxed_nop
-        from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+        from wtacompile.passes import pinned_min_cut_partition
 
         # The partitioner Inductor uses, so the saved set matches what the analysis traced.
-        partition = functools.partial(min_cut_rematerialization_partition, compiler="inductor")
-        return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partition)
+        return aot_autograd(
+            fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=pinned_min_cut_partition
+        )
     return lambda gm, _inputs: gm.forward

@@ -1,0 +1,230 @@
+"""The wtacrs backend: registration, options, decisions, caching, recompute safety, statistics."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import wtacompile
+from wtacompile import SavedTensorMeter, WTAConfig
+
+AOT = {"inner": "aot_eager"}
+
+
+class MLP(nn.Module):
+    """Linear → LayerNorm → Linear → GELU → Linear: the sampled inputs are the LN/GELU outputs."""
+
+    def __init__(self, d=16, h=32, out=8):
+        super().__init__()
+        self.up = nn.Linear(d, h)
+        self.norm = nn.LayerNorm(h)
+        self.mid = nn.Linear(h, h)
+        self.down = nn.Linear(h, out)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.mid(self.norm(self.up(x)))))
+
+
+def test_backend_registered_by_entry_point_without_import():
+    code = textwrap.dedent("""
+        import torch
+        from torch._dynamo.backends.registry import lookup_backend
+        assert "wtacrs" in torch._dynamo.list_backends()
+        fn = lookup_backend("wtacrs")
+        assert fn.__module__ == "wtacompile.backend", fn.__module__
+        m = torch.nn.Linear(8, 8)
+        y = torch.compile(m, backend="wtacrs", options={"inner": "aot_eager"})(torch.randn(40, 8))
+        y.sum().backward()
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_unknown_option_lists_valid_keys():
+    with pytest.raises(ValueError, match="valid options are: keep_ratio"):
+        WTAConfig.from_options({"keep_ration": 0.3})
+    model = MLP()
+    with pytest.raises(Exception, match="valid options are"):
+        torch.compile(model, backend="wtacrs", options={"ratio": 0.2})(torch.randn(4, 16))
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [({"keep_ratio": 0.0}, "keep_ratio"), ({"keep_ratio": 2}, "keep_ratio"),
+     ({"method": "best"}, "choose one of"), ({"inner": "tvm"}, "inner compiler"),
+     ({"min_rows": 0}, "min_rows"), ({"keep_ratios": {"a.weight": 1.5}}, "a.weight")],
+)
+def test_bad_option_values(options, match):
+    with pytest.raises(ValueError, match=match):
+        WTAConfig.from_options(options)
+
+
+def test_config_is_frozen_and_fingerprinted():
+    a = WTAConfig.from_options({"keep_ratio": 0.3})
+    with pytest.raises(Exception):
+        a.keep_ratio = 0.1
+    assert a.fingerprint() != WTAConfig.from_options({"keep_ratio": 0.1}).fingerprint()
+
+
+def test_inference_graph_untouched():
+    model = MLP()
+    wtacompile.clear_reports()
+    with torch.no_grad():
+        torch.compile(model, backend="wtacrs", options=AOT)(torch.randn(64, 16))
+    (report,) = wtacompile.compile_reports()
+    assert not report.training and report.sites == []
+
+
+def test_decisions_and_report():
+    model = MLP()
+    wtacompile.clear_reports()
+    x = torch.randn(4, 64, 16)
+    torch.compile(model, backend="wtacrs", options=AOT)(x).sum().backward()
+    report = wtacompile.last_compile_report()
+    sites = {s.weight: s for s in report.sites}
+    assert set(sites) == {"up.weight", "mid.weight", "down.weight"}
+    # LayerNorm's backward needs its input (up's output), not its output: mid frees it.
+    assert sites["mid.weight"].sampled and sites["mid.weight"].verdict == "frees"
+    assert sites["mid.weight"].input_bytes == 4 * 64 * 32 * 4
+    for s in report.sites:
+        assert s.verdict in {"frees", "frees-nothing", "adds-memory", "skipped"} and s.reason
+        if s.sampled:
+            assert s.keep_ratio == 0.3 and s.freed_bytes > 0
+    assert "mid.weight" in str(report)
+
+
+def test_include_exclude_and_per_weight_ratios():
+    model = MLP()
+    x = torch.randn(256, 16)
+    wtacompile.clear_reports()
+    opts = dict(AOT, exclude=["mid.*"], keep_ratios={"down.weight": 0.1})
+    torch.compile(model, backend="wtacrs", options=opts)(x).sum().backward()
+    sites = {s.weight: s for s in wtacompile.last_compile_report().sites}
+    assert not sites["mid.weight"].sampled and "excluded" in sites["mid.weight"].reason
+    if sites["down.weight"].sampled:
+        assert sites["down.weight"].keep_ratio == 0.1
+
+
+def test_shared_input_with_dense_sibling_is_not_sampled():
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(64)
+            self.q, self.k, self.v = nn.Linear(64, 8), nn.Linear(64, 8), nn.Linear(64, 8)
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.q(h) * self.k(h) + self.v(h)
+
+    model = QKV()
+    x = torch.randn(128, 64)
+    wtacompile.clear_reports()
+    torch.compile(model, backend="wtacrs", options=dict(AOT, exclude=["v.*"]))(x).sum().backward()
+    sites = {s.weight: s for s in wtacompile.last_compile_report().sites}
+    # v keeps the shared input for its own dW: sampling q and k would only add memory.
+    assert sites["q.weight"].verdict == "adds-memory" and not sites["q.weight"].sampled
+    torch._dynamo.reset()
+    wtacompile.clear_reports()
+    torch.compile(model, backend="wtacrs", options=AOT)(x).sum().backward()
+    sites = {s.weight: s for s in wtacompile.last_compile_report().sites}
+    assert all(sites[n].sampled for n in ("q.weight", "k.weight", "v.weight"))
+    assert "shared by 3" in sites["q.weight"].reason
+
+
+def _saved_bytes(model, options, x):
+    compiled = torch.compile(model, backend="wtacrs", options=options)
+    with SavedTensorMeter(model.parameters()) as meter:
+        y = compiled(x)
+    y.sum().backward()
+    return meter.activation_bytes
+
+
+def test_never_reuses_a_graph_compiled_for_another_ratio():
+    model = MLP()
+    x = torch.randn(512, 16)
+    dense = _saved_bytes(model, dict(AOT, keep_ratio=1.0), x)
+    at_03 = _saved_bytes(model, dict(AOT, keep_ratio=0.3), x)  # no dynamo reset in between
+    at_01 = _saved_bytes(model, dict(AOT, keep_ratio=0.1), x)
+    at_03_again = _saved_bytes(model, dict(AOT, keep_ratio=0.3), x)
+    assert at_01 < at_03 < dense
+    assert at_03_again == at_03
+
+
+def test_varying_sequence_length_does_not_recompile_every_step():
+    model = MLP()
+    compiled = torch.compile(model, backend="wtacrs", options=AOT)
+    wtacompile.clear_reports()
+    for seq in (32, 40, 48, 56, 64):
+        compiled(torch.randn(2, seq, 16)).sum().backward()
+    assert len(wtacompile.compile_reports()) <= 2
+
+
+def test_graph_break_keys_decisions_by_parameter_name():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = MLP()
+            self.second = MLP()
+
+        def forward(self, x):
+            h = self.first(x)
+            torch._dynamo.graph_break()
+            return self.second(torch.cat([h, h], dim=-1))
+
+    model = Broken()
+    wtacompile.clear_reports()
+    torch.compile(model, backend="wtacrs", options=AOT)(torch.randn(128, 16)).sum().backward()
+    reports = [r for r in wtacompile.compile_reports() if r.training]
+    assert len(reports) == 2
+    names = [{s.weight for s in r.sites} for r in reports]
+    assert names[0] == {"first.up.weight", "first.mid.weight", "first.down.weight"}
+    assert names[1] == {"second.up.weight", "second.mid.weight", "second.down.weight"}
+
+
+def test_random_choice_is_saved_not_redrawn_under_activation_memory_budget():
+    """With a tight activation budget the partitioner recomputes what it can; the sampling op is
+    banned from that, so compiled grads equal the eager op's under the same seed."""
+    torch.manual_seed(0)
+    # Matmul outputs cannot be recomputed cheaply: the partitioner must save them densely.
+    model = nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 16))
+    x = torch.randn(512, 16)
+    wtacompile.clear_reports()
+    with torch._functorch.config.patch(activation_memory_budget=0.05):
+        compiled = torch.compile(model, backend="wtacrs", options=AOT)
+        torch.manual_seed(123)
+        compiled(x).sum().backward()
+    sampled = [s.weight for s in wtacompile.last_compile_report().sampled_sites]
+    assert sampled
+    compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch.manual_seed(123)
+    with wtacompile.sample_linears(model=model, include=sampled):
+        model(x).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(compiled_grads[name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_weight_grad_is_unbiased():
+    torch.manual_seed(0)
+    model = MLP(d=8, h=16, out=6)
+    x = torch.exp(torch.randn(96, 1)) * torch.randn(96, 8)
+    compiled = torch.compile(model, backend="wtacrs", options=dict(AOT, keep_ratio=0.3))
+    compiled(x).sum().backward()
+    sampled = {s.weight for s in wtacompile.last_compile_report().sampled_sites}
+    assert "mid.weight" in sampled
+    model.zero_grad()
+    exact = torch.autograd.grad(model(x).sum(), model.mid.weight)[0]
+    draws = 1500
+    samples = []
+    for _ in range(draws):
+        (g,) = torch.autograd.grad(compiled(x).sum(), model.mid.weight)
+        samples.append(g)
+    samples = torch.stack(samples)
+    z = (samples.mean(0) - exact) / (samples.std(0) / draws**0.5)
+    z2 = (z**2).mean().item()
+    assert 0.6 < z2 < 1.6, z2
