@@ -1,0 +1,87 @@
+"""Triton kernels against their float32 torch references, on odd shapes.
+
+These need the kernels to run: on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (which must be
+set before Triton is imported — ``test_interpreter_suite`` re-runs this file in a subprocess with
+it set, so the plain test command covers the real kernels).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from wtacompile import kernels
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(
+    not kernels.TRITON_AVAILABLE or not (INTERPRETING or torch.cuda.is_available()),
+    reason="Triton kernels run on CUDA or under TRITON_INTERPRET=1",
+)
+SHAPES = [(101, 129, 37), (1, 7, 1), (64, 16, 64), (33, 257, 5)]  # (N rows, D, k kept)
+
+
+@needs_kernels
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n,d,k", SHAPES)
+def test_row_norms(n, d, k):
+    x = torch.randn(n, d, device=DEVICE)
+    assert kernels.uses_triton(x)
+    torch.testing.assert_close(kernels.row_norms(x), kernels.row_norms_reference(x), rtol=1e-5, atol=1e-5)
+    xt = torch.randn(d, n, device=DEVICE).t()  # strided rows
+    torch.testing.assert_close(kernels.row_norms(xt), kernels.row_norms_reference(xt), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n,d,k", SHAPES)
+def test_gather_scale(n, d, k):
+    x = torch.randn(n, d, device=DEVICE)
+    index = torch.randint(0, n, (k,), device=DEVICE)
+    scale = torch.rand(k, device=DEVICE) * 3
+    torch.testing.assert_close(
+        kernels.gather_scale(x, index, scale), kernels.gather_scale_reference(x, index, scale),
+        rtol=1e-6, atol=1e-6,
+    )
+
+
+@needs_kernels
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n,d,k", SHAPES)
+@pytest.mark.parametrize("n_out", [3, 70])
+def test_sampled_weight_grad(n, d, k, n_out):
+    grad_out = torch.randn(n, n_out, device=DEVICE)
+    index = torch.randint(0, n, (k,), device=DEVICE)
+    x_saved = torch.randn(k, d, device=DEVICE)
+    torch.testing.assert_close(
+        kernels.sampled_weight_grad(grad_out, index, x_saved),
+        kernels.sampled_weight_grad_reference(grad_out, index, x_saved),
+        rtol=1e-4, atol=1e-4,
+    )
+
+
+@needs_kernels
+@pytest.mark.interpreter
+def test_sampled_linear_end_to_end_on_kernels():
+    from wtacompile import sampled_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 37, 24, device=DEVICE, requires_grad=True)
+    w = torch.randn(10, 24, device=DEVICE, requires_grad=True)
+    y = sampled_linear(x, w, keep_ratio=0.3)
+    assert torch.equal(y, torch.nn.functional.linear(x, w))
+    y.sum().backward()
+    assert torch.isfinite(w.grad).all()
+
+
+@pytest.mark.skipif(INTERPRETING or not kernels.TRITON_AVAILABLE, reason="this is the launcher")
+def test_interpreter_suite():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "interpreter"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
