@@ -85,3 +85,15 @@ def test_interpreter_suite():
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.skipif(INTERPRETING, reason="opcheck runs the CPU reference path")
+def test_kernel_ops_pass_opcheck():
+    x = torch.randn(37, 29)
+    index = torch.randint(0, 37, (11,))
+    scale = torch.rand(11)
+    torch.library.opcheck(torch.ops.wtacompile.row_norms.default, (x,))
+    torch.library.opcheck(torch.ops.wtacompile.gather_scale.default, (x, index, scale))
+    torch.library.opcheck(
+        torch.ops.wtacompile.sampled_weight_grad.default, (torch.randn(37, 5), index, torch.randn(11, 29))
+    )
