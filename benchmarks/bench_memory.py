@@ -93,12 +93,17 @@ def main() -> None:
 
 def _freeable_bytes(reports) -> int:
     """Bytes of the distinct inputs the analysis found sampling releases (the ratio → 0 limit)."""
-    roots = {}
+    # Keyed by the weights reading each input, so a model dynamo compiles twice (HF's BERT heads
+    # recompile once after setting config.problem_type) is not counted twice.
+    groups = {}
     for report in reports:
+        readers = {}
         for site in report.sites:
             if site.verdict == "frees":
-                roots[(report.graph_id, site.input_root)] = site.input_bytes
-    return sum(roots.values())
+                readers.setdefault(site.input_root, []).append(site)
+        for sites in readers.values():
+            groups[tuple(sorted(s.weight for s in sites))] = sites[0].input_bytes
+    return sum(groups.values())
 
 
 if __name__ == "__main__":
