@@ -8,14 +8,27 @@
 Installed as ``wtacompile.passes``.
 """
 
-from .analyze_savings import analyze_savings, trace_partition
+from .analyze_savings import (
+    GraphAnalysis,
+    SiteGroup,
+    analyze_savings,
+    apply_verdicts,
+    classify_sites,
+    compact_bytes,
+    trace_partition,
+)
 from .find_linears import META_KEY, find_linears, parameter_fqn
 from .pin_sampled_choices import PinSampledChoices, pin_sampled_choices, pinned_min_cut_partition
 from .rewrite_sampled import rewrite_sampled
 
 __all__ = [
     "META_KEY",
+    "GraphAnalysis",
+    "SiteGroup",
     "analyze_savings",
+    "apply_verdicts",
+    "classify_sites",
+    "compact_bytes",
     "find_linears",
     "parameter_fqn",
     "PinSampledChoices",

@@ -29,6 +29,7 @@ graph itself is rewritten by :mod:`wtacompile.passes.rewrite_sampled`.
 from __future__ import annotations
 
 import functools
+import operator
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -43,9 +44,17 @@ from .find_linears import META_KEY, size_hint as _hint
 from .pin_sampled_choices import pinned_min_cut_partition
 from .rewrite_sampled import rewrite_sampled
 
-__all__ = ["analyze_savings", "trace_partition", "PartitionTrace"]
+__all__ = [
+    "GraphAnalysis",
+    "PartitionTrace",
+    "SiteGroup",
+    "analyze_savings",
+    "apply_verdicts",
+    "classify_sites",
+    "compact_bytes",
+    "trace_partition",
+]
 
-_SAMPLED_OP = "wtacompile.sampled_linear.default"
 
 
 @dataclass
@@ -69,9 +78,38 @@ class PartitionTrace:
         """Forward nodes the backward graph recomputes (copied under their joint names)."""
         return {n.name for n in self.backward.graph.nodes if n.op == "call_function"}
 
-    def saved_bytes(self) -> int:
+    def saved_bytes(self, exclude: set[str] = frozenset()) -> int:
+        """Bytes of the distinct storages saved for backward, less the ``exclude`` d ones."""
         nodes = {n.name: n for n in self.joint.graph.nodes}
-        return sum(_nbytes(nodes[name]) for name in self.saved_roots if name in nodes)
+        return sum(_nbytes(nodes[n]) for n in self.saved_roots if n in nodes and n not in exclude)
+
+    def backward_peak_bytes(self, exclude: set[str] = frozenset()) -> int:
+        """Peak live bytes while the backward graph runs: saved inputs are released after their
+        last use (AOTAutograd's boxed calling convention), intermediates after theirs. The
+        gradients it returns are not counted (the memory model accounts for them apart), nor
+        are parameters (``exclude``)."""
+        nodes = [n for n in self.backward.graph.nodes if n.op != "output"]
+        position = {n: i for i, n in enumerate(nodes)}
+        returned = {_root(n) for n in self.backward.graph.find_nodes(op="output")[0].all_input_nodes}
+        dies_after: dict[fx.Node, int] = {n: position[n] for n in nodes}  # unused: dies at once
+        for node in nodes:
+            for arg in node.all_input_nodes:
+                base = _root(arg)
+                dies_after[base] = max(dies_after[base], position[node])
+        releases: dict[int, list[fx.Node]] = defaultdict(list)
+        for base, when in dies_after.items():
+            if base not in returned:
+                releases[when].append(base)
+        live = peak = 0
+        for i, node in enumerate(nodes):
+            if (_root(node) is node and _is_tensor(node) and node.name not in exclude
+                    and node not in returned):
+                live += _nbytes(node)
+                peak = max(peak, live)
+            for base in releases[i]:
+                if _is_tensor(base) and base.name not in exclude:
+                    live -= _nbytes(base)
+        return peak
 
 
 def trace_partition(gm: fx.GraphModule, config: WTAConfig) -> PartitionTrace:
@@ -103,78 +141,119 @@ def trace_partition(gm: fx.GraphModule, config: WTAConfig) -> PartitionTrace:
     return captured["trace"]
 
 
+@dataclass
+class SiteGroup:
+    """Sampled-candidate linears that read one saved input (q/k/v share one), and its fate."""
+
+    root: str  # joint-graph name of the input's storage
+    root_bytes: int
+    sites: list[LinearSite]
+    verdict: str  # FREES, FREES_NOTHING or ADDS_MEMORY, before weighing the compact copies
+    reason: str
+
+
+@dataclass
+class GraphAnalysis:
+    """What the graph adapter learnt from one captured graph: the groups and the dense split."""
+
+    groups: list[SiteGroup]
+    dense: PartitionTrace
+    parameter_inputs: set[str]  # joint placeholders that are parameters or buffers
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes the dense partition saves for backward, parameters excluded."""
+        return self.dense.saved_bytes(exclude=self.parameter_inputs)
+
+
 def analyze_savings(gm: fx.GraphModule, config: WTAConfig) -> fx.GraphModule:
     """Set ``sampled``/``verdict``/``reason``/``freed_bytes`` on every :class:`LinearSite`."""
-    sites = [n.meta[META_KEY] for n in gm.graph.nodes if META_KEY in n.meta]
+    if not _eligible_sites(gm):
+        return gm
+    apply_verdicts(classify_sites(gm, config), config.min_rows)
+    return gm
+
+
+def apply_verdicts(analysis: GraphAnalysis, min_rows: int) -> None:
+    """Decide each site from its group's verdict and its ``keep_ratio`` (1.0: leave it exact)."""
+    for group in analysis.groups:
+        verdict, reason = group.verdict, group.reason
+        if all(s.keep_ratio >= 1.0 for s in group.sites):
+            for site in group.sites:
+                site.sampled, site.verdict, site.freed_bytes = False, SKIPPED, 0
+                site.reason = "exact: the memory budget is met without sampling it"
+            continue
+        compact = sum(_compact_bytes(s, s.keep_ratio, min_rows) for s in group.sites)
+        freed = group.root_bytes - compact
+        if verdict == FREES and freed <= 0:
+            verdict = ADDS_MEMORY
+            reason = f"{len(group.sites)} compact copies outweigh the input they replace"
+        shared = f" (input shared by {len(group.sites)} linears)" if len(group.sites) > 1 else ""
+        for site in group.sites:
+            site.verdict = verdict
+            site.sampled = verdict == FREES
+            site.reason = reason + shared
+            site.freed_bytes = freed // len(group.sites) if site.sampled else 0
+
+
+def _eligible_sites(gm: fx.GraphModule) -> list[LinearSite]:
     eligible = []
-    for site in sites:
+    for site in (n.meta[META_KEY] for n in gm.graph.nodes if META_KEY in n.meta):
         site.sampled, site.verdict = False, SKIPPED
         if not site.weight_requires_grad:
             site.reason = "frozen weight: no activation saved for it"
-            continue
-        if site.keep_ratio is None:
+        elif site.keep_ratio is None:
             site.reason = "excluded by include/exclude"
-            continue
-        if site.keep_ratio >= 1.0:
+        elif site.keep_ratio >= 1.0:
             site.reason = "keep ratio 1.0: exact"
-            continue
-        eligible.append(site)
-    if not eligible:
-        return gm
+        else:
+            eligible.append(site)
+    return eligible
 
-    dense = trace_partition(fx.GraphModule(gm, _copy_graph(gm.graph)), config)
+
+def classify_sites(gm: fx.GraphModule, config: WTAConfig) -> GraphAnalysis:
+    """Trace dense and all-sampled; group the eligible sites by input and give each a verdict.
+
+    This is the graph adapter shared by the backend and the planner: the verdicts do not depend
+    on the keep ratio (bar the compact-copy check the caller applies).
+    """
+    eligible = _eligible_sites(gm)
+    dense = trace_partition(_copy_module(gm), config)
+    parameters = _parameter_inputs(gm, dense.joint)
+    if not eligible:
+        return GraphAnalysis([], dense, parameters)
     for site in eligible:
         site.sampled = True
-    trial = fx.GraphModule(gm, _copy_graph(gm.graph))
+    trial = _copy_module(gm)
     rewrite_sampled(trial, config)
     sampled = trace_partition(trial, config)
+    for site in eligible:
+        site.sampled = False
     # The rewrite gave the sampled nodes new names; the joint graph's provenance uses those.
     renamed = {n.name: n.meta[META_KEY].node for n in trial.graph.nodes if META_KEY in n.meta}
     dense_keys = _provenance_keys(dense.joint, {})
     dense_saved_keys = {dense_keys[name] for name in dense.saved_roots if name in dense_keys}
-    _classify(sampled, eligible, renamed, dense_saved_keys, config.min_rows)
-    return gm
 
-
-def _classify(
-    trace: PartitionTrace,
-    eligible: list[LinearSite],
-    renamed: dict[str, str],
-    dense_saved_keys: set[tuple],
-    min_rows: int,
-) -> None:
     by_node = {site.node: site for site in eligible}
-    keys = _provenance_keys(trace.joint, renamed)
-    groups: dict[str, list[LinearSite]] = defaultdict(list)
+    keys = _provenance_keys(sampled.joint, renamed)
+    members: dict[str, list[LinearSite]] = defaultdict(list)
     roots: dict[str, fx.Node] = {}
-    for node in trace.joint.graph.nodes:
-        if node.op != "call_function" or str(node.target) != _SAMPLED_OP:
-            continue
+    for node in sampled.joint.graph.find_nodes(op="call_function", target=_sampled_op()):
         site = by_node.get(renamed.get(_dynamo_source(node), ""))
         if site is None:
             continue
         root = _root(node.args[0])
         site.input_root = root.name
-        groups[root.name].append(site)
+        members[root.name].append(site)
         roots[root.name] = root
-
-    for root_name, members in groups.items():
-        verdict, reason = _verdict(trace, roots[root_name], keys, dense_saved_keys)
-        compact = sum(_compact_bytes(s, min_rows) for s in members)
-        freed = _nbytes(roots[root_name]) - compact
-        if verdict == FREES and freed <= 0:
-            verdict = ADDS_MEMORY
-            reason = f"{len(members)} compact copies outweigh the input they replace"
-        shared = f" (input shared by {len(members)} linears)" if len(members) > 1 else ""
-        for site in members:
-            site.verdict = verdict
-            site.sampled = verdict == FREES
-            site.reason = reason + shared
-            site.freed_bytes = freed // len(members) if site.sampled else 0
-
+    groups = []
+    for name, sites in members.items():
+        verdict, reason = _verdict(sampled, roots[name], keys, dense_saved_keys)
+        groups.append(SiteGroup(name, _nbytes(roots[name]), sites, verdict, reason))
     for site in eligible:
         if site.input_root is None:  # vanished from the trace (dead code): nothing to gain
-            site.sampled, site.verdict, site.reason = False, FREES_NOTHING, "not in the traced graph"
+            site.verdict, site.reason = FREES_NOTHING, "not in the traced graph"
+    return GraphAnalysis(groups, dense, parameters)
 
 
 def _verdict(
@@ -220,6 +299,10 @@ def _is_view(node: fx.Node) -> bool:
     target = node.target
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return False
+    if target is operator.getitem:  # one output of split/unbind/chunk: a view of their input
+        return _is_view(node.args[0])
+    if target is torch.ops.aten._unsafe_view.default:  # aliases its input without view tracking
+        return True
     return bool(getattr(target, "is_view", False)) or _op_types().is_view(node)
 
 
@@ -242,6 +325,14 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     return new_graph
 
 
+def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy to rewrite freely, keeping the module meta AOTAutograd reads (which inputs are
+    parameters: the partitioner treats those as free to save)."""
+    copy = fx.GraphModule(gm, _copy_graph(gm.graph))
+    copy.meta.update(gm.meta)
+    return copy
+
+
 def _is_tensor(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
 
@@ -253,8 +344,30 @@ def _nbytes(node: fx.Node) -> int:
     return _hint(value.numel()) * value.element_size()
 
 
-def _compact_bytes(site: LinearSite, min_rows: int) -> int:
+def _compact_bytes(site: LinearSite, keep_ratio: float, min_rows: int, rows: int | None = None) -> int:
+    """Bytes the sampled op saves for one site: k pre-scaled rows plus k int64 indices."""
     itemsize = torch.empty((), dtype=getattr(torch, site.dtype)).element_size()
-    k = num_kept_rows(site.rows, site.keep_ratio, min_rows)
+    k = num_kept_rows(site.rows if rows is None else rows, keep_ratio, min_rows)
     return k * site.in_features * itemsize + k * 8
+
+
+compact_bytes = _compact_bytes
+
+
+def _sampled_op():
+    return torch.ops.wtacompile.sampled_linear.default
+
+
+def _parameter_inputs(gm: fx.GraphModule, joint: fx.GraphModule) -> set[str]:
+    """Joint-graph placeholder names that are parameters or buffers (not activations)."""
+    dynamo_placeholders = gm.graph.find_nodes(op="placeholder")
+    primals = [n for n in joint.graph.find_nodes(op="placeholder") if n.name.startswith("primals")]
+    names = set()
+    for dyn, primal in zip(dynamo_placeholders, primals):
+        grapharg = dyn.meta.get("grapharg")
+        source = grapharg.source.name if grapharg is not None else ""
+        source = source() if callable(source) else source
+        if "_parameters[" in source or "_buffers[" in source:
+            names.add(primal.name)
+    return names
 

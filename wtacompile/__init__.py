@@ -5,6 +5,7 @@
 * :func:`sample_linears` — eager mode on an unmodified model.
 * ``torch.compile(model, backend="wtacrs", options=...)`` — the compiler backend
   (see :class:`WTAConfig` for options, :func:`last_compile_report` for what it decided).
+* :func:`plan` — what fits in a memory budget, before anything runs.
 """
 
 from wtacompile.config import WTAConfig
@@ -12,6 +13,7 @@ from wtacompile.eager import sample_linears
 from wtacompile.estimator import METHODS, RowSelection, num_kept_rows, select_rows
 from wtacompile.memory import SavedTensorMeter
 from wtacompile.ops import sampled_linear
+from wtacompile.planner import LayerPlan, Plan, plan
 from wtacompile.report import (
     GraphReport,
     LinearSite,
@@ -25,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "GraphReport",
+    "LayerPlan",
+    "Plan",
     "LinearSite",
     "RowSelection",
     "SavedTensorMeter",
@@ -33,6 +37,7 @@ __all__ = [
     "compile_reports",
     "last_compile_report",
     "num_kept_rows",
+    "plan",
     "sample_linears",
     "sampled_linear",
     "select_rows",

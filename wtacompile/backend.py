@@ -54,13 +54,55 @@ def wtacrs_backend(
         graph_id=next(_graph_ids), config_fingerprint=config.fingerprint(), training=training
     )
     if training:
-        for graph_pass in (find_linears, analyze_savings, rewrite_sampled):
-            gm = graph_pass(gm, config)
+        gm = find_linears(gm, config)
+        if config.mem_gb is not None:
+            gm = _plan_for_budget(gm, example_inputs, config)
+        else:
+            gm = analyze_savings(gm, config)
+        gm = rewrite_sampled(gm, config)
         report.sites = [n.meta[META_KEY] for n in gm.graph.nodes if META_KEY in n.meta]
         log.info("%s", report)
     if config.report:
         record(report)
     return _inner_compiler(config, mode)(gm, example_inputs)
+
+
+# Bytes each graph compiled under a mem_gb budget commits, per config fingerprint and keyed by
+# the graph's parameters (a recompile of the same graph replaces its entry rather than adding):
+# one budget across all graphs of a model.
+_COMMITTED: dict[str, dict[frozenset, int]] = {}
+
+
+def _plan_for_budget(gm: fx.GraphModule, example_inputs, config: WTAConfig) -> fx.GraphModule:
+    """``options={"mem_gb": ...}``: choose this graph's keep ratios with the budget left over by
+    the graphs compiled before it (the planner's memory model and solver, per graph)."""
+    from wtacompile.passes import apply_verdicts, classify_sites
+    from wtacompile.planner import plan_graph_ratios
+    from wtacompile.solver import DEFAULT_MENU
+
+    graphs = _COMMITTED.setdefault(config.fingerprint(), {})
+    parameters = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
+    key = frozenset(id(p) for p in parameters)
+    committed = sum(nbytes for other, nbytes in graphs.items() if other != key)
+    analysis = classify_sites(gm, config)
+    budget = int(config.mem_gb * 1e9) - committed
+    ratios, needed, feasible = plan_graph_ratios(
+        analysis, parameters, budget_bytes=budget, optimizer=config.optimizer,
+        menu=DEFAULT_MENU, min_rows=config.min_rows,
+    )
+    if not feasible:
+        raise ValueError(
+            f"wtacrs: mem_gb={config.mem_gb:g} cannot be met: this graph needs about "
+            f"{(committed + needed) / 1e9:.2f} GB even at keep ratio {min(DEFAULT_MENU)}. "
+            "Use a smaller batch, freeze layers or add LoRA, or raise mem_gb; "
+            "wtacompile.plan(model, mem_gb) shows the breakdown."
+        )
+    for group in analysis.groups:
+        for site in group.sites:
+            site.keep_ratio = ratios.get(site.weight, 1.0)
+    apply_verdicts(analysis, config.min_rows)
+    graphs[key] = needed
+    return gm
 
 
 def _inner_compiler(config: WTAConfig, mode: str | None) -> Callable:

@@ -14,6 +14,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,12 @@ class WTAConfig:
             ``"aot_eager"`` (debugging; no codegen) or ``"eager"`` (no AOTAutograd at all — the
             rewrite still applies, through autograd).
         report: record every decision for :func:`wtacompile.last_compile_report`.
+        mem_gb: plan keep ratios on the fly so predicted peak memory fits this many GB (one budget
+            shared by every graph of the compiled model); linears are exact where it fits.
+        optimizer: the optimizer ``mem_gb`` planning assumes (its state counts against the budget).
+
+    ``options={"plan": plan}`` (a :class:`wtacompile.Plan`, its JSON, or a path to that JSON) sets
+    ``keep_ratios`` from the plan and leaves every linear the plan does not sample exact.
     """
 
     keep_ratio: float = 0.3
@@ -51,6 +58,8 @@ class WTAConfig:
     keep_ratios: tuple[tuple[str, float], ...] = field(default=())
     inner: str = "inductor"
     report: bool = True
+    mem_gb: float | None = None
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         validate_sampling_args(self.keep_ratio, self.method, self.min_rows)
@@ -62,6 +71,14 @@ class WTAConfig:
             patterns = getattr(self, name)
             if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
                 raise ValueError(f"{name} must be a list of fnmatch patterns, got {patterns!r}")
+        if self.mem_gb is not None and not (isinstance(self.mem_gb, (int, float)) and self.mem_gb > 0):
+            raise ValueError(f"mem_gb must be a positive number of GB, got {self.mem_gb!r}")
+        from wtacompile.planner import OPTIMIZER_STATES
+
+        if self.optimizer not in OPTIMIZER_STATES:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}"
+            )
         for fqn, ratio in self.keep_ratios:
             try:
                 validate_sampling_args(ratio, self.method, self.min_rows)
@@ -77,7 +94,7 @@ class WTAConfig:
             return options
         if not isinstance(options, Mapping):
             raise ValueError(f"options must be a dict, got {type(options).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
+        valid = [f.name for f in dataclasses.fields(cls)] + ["plan"]
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(
@@ -85,6 +102,12 @@ class WTAConfig:
                 f"valid options are: {', '.join(valid)}"
             )
         kwargs = dict(options)
+        if "plan" in kwargs:
+            for clash in ("keep_ratio", "keep_ratios", "mem_gb"):
+                if clash in kwargs:
+                    raise ValueError(f"options 'plan' and {clash!r} conflict: the plan sets the ratios")
+            kwargs["keep_ratios"] = _plan_ratios(kwargs.pop("plan"))
+            kwargs["keep_ratio"] = 1.0  # what the plan does not sample stays exact
         for name in ("include", "exclude"):
             if name in kwargs:
                 value = kwargs[name]
@@ -109,3 +132,19 @@ class WTAConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+
+
+def _plan_ratios(plan: Any) -> dict[str, float]:
+    from wtacompile.planner import Plan
+
+    if isinstance(plan, (str, os.PathLike)):
+        text = str(plan)
+        if not text.lstrip().startswith("{"):
+            with open(text) as f:
+                text = f.read()
+        plan = Plan.from_json(text)
+    if not isinstance(plan, Plan):
+        raise ValueError(f"option 'plan' takes a wtacompile.Plan, its JSON or a path, got {type(plan).__name__}")
+    if not plan.fits:
+        raise ValueError(f"this plan does not fit its {plan.mem_gb:g} GB budget: {plan.advice}")
+    return dict(plan.keep_ratios)

@@ -8,11 +8,11 @@ to parameters or buffers: the bytes held alive from forward to backward because 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["SavedTensorMeter", "storage_key"]
+__all__ = ["SavedTensorMeter", "measure_peak_bytes", "storage_key"]
 
 
 def storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -57,3 +57,24 @@ class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
     @property
     def num_storages(self) -> int:
         return len(self._storages)
+
+
+def measure_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated above the starting point while ``fn()`` runs, on the CPU.
+
+    Reads the allocator's own allocation/free records through the profiler
+    (``profile_memory=True``), so it sees every tensor, including those of compiled graphs
+    (a Python dispatch mode would not: dynamo runs uncompiled code under one). Memory that
+    existed before the call (parameters, optimizer state) is not included: add it yourself.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak

@@ -1,0 +1,104 @@
+"""``wtacompile plan CONFIG --mem-gb 24 --seq-len 2048``: plan a model from its config alone.
+
+CONFIG is a Hugging Face ``config.json`` (or a folder holding one) or a model type such as
+``llama``, with ``--set key=value`` overrides. The model is built on the meta device: nothing is
+downloaded and no memory is allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TASKS = ("causal-lm", "seq-cls", "seq2seq", "image-cls")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_config(spec: str, overrides: list[str]):
+    from transformers import AutoConfig
+
+    values = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes key=value, got {item!r}")
+        try:
+            values[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            values[key] = raw
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" or path.exists():
+        if not path.exists():
+            raise SystemExit(f"no such config file: {path}")
+        data = json.loads(path.read_text())
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise SystemExit(f"{path} has no model_type")
+        return AutoConfig.for_model(model_type, **{**data, **values})
+    try:
+        return AutoConfig.for_model(spec, **values)
+    except ValueError as err:
+        raise SystemExit(f"unknown model type {spec!r}: {err}") from None
+
+
+def build_model(config, task: str, dtype: torch.dtype):
+    import transformers as tf
+
+    auto = {
+        "causal-lm": tf.AutoModelForCausalLM, "seq-cls": tf.AutoModelForSequenceClassification,
+        "seq2seq": tf.AutoModelForSeq2SeqLM, "image-cls": tf.AutoModelForImageClassification,
+    }[task]
+    with torch.device("meta"):
+        return auto.from_config(config, torch_dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wtacompile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="plan keep ratios for a memory budget")
+    p.add_argument("config", help="config.json path, a folder with one, or a model type (llama, bert, ...)")
+    p.add_argument("--mem-gb", type=float, required=True, help="memory budget in GB (1e9 bytes)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the largest that fits")
+    p.add_argument("--lora-rank", type=int, default=None, help="plan LoRA adapters on a frozen base")
+    p.add_argument("--task", choices=TASKS, default="causal-lm")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--json", type=Path, help="also write the plan as JSON here")
+    args = parser.parse_args(argv)
+
+    from wtacompile.planner import plan
+
+    config = build_config(args.config, args.set)
+    model = build_model(config, args.task, DTYPES[args.dtype])
+    if args.lora_rank:
+        from wtacompile.lora import add_lora
+
+        add_lora(model, args.lora_rank)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{type(model).__name__}: {n_params / 1e9:.2f}B parameters, {n_train / 1e6:.1f}M trainable; "
+          f"planning for {args.mem_gb:g} GB ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    result = plan(model, args.mem_gb, batch_size=args.batch_size, seq_len=args.seq_len,
+                  optimizer=args.optimizer)
+    print(result)
+    print(f"(planned in {time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    if args.json:
+        args.json.write_text(result.to_json())
+    return 0 if result.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

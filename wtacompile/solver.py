@@ -1,0 +1,129 @@
+r"""The global memory-budget solver: numbers in, keep ratios out (no torch, no graphs).
+
+Problem. There are G *groups*: sets of sampled linears that read one saved input (q/k/v share
+one; most linears are alone). Group g keeps ``dense_bytes[g]`` for backward when exact; at keep
+ratio ``r`` from a menu it keeps ``sampled_bytes[g][r]`` (the compact rows and indices of each
+member) instead. Choose one option per group to
+
+.. math::
+
+    \min \sum_g c_g \left(\frac{1}{r_g} - 1\right)
+    \quad \text{s.t.} \quad \sum_g \text{bytes}_g(r_g) \le \text{capacity},
+
+the capacity being the budget minus everything sampling cannot change (parameters, gradients,
+optimizer state, the other saved activations, the backward transient).
+
+Variance model. For the CRS family with ``k = rN`` rows, the weight-gradient estimate's variance
+is ``≈ (1/r − 1)·Σ_i ‖X_i‖²‖dY_i‖²`` (zero at ``r = 1``); relative to ``‖dW‖²`` that is
+``≈ (1/r − 1)`` for weakly correlated rows. Weighting each layer by its parameter count,
+``c_g = Σ_{members} in·out`` gives the expected squared error summed over parameters. Callers
+with activation statistics can pass any other ``c_g``.
+
+Algorithm. A multiple-choice knapsack, solved exactly by dynamic programming over memory
+discretised to ``resolution`` units. Item sizes are rounded *up*, so every solution the DP
+returns truly fits; the optimum is exact for the discretised sizes (the only approximation is
+that rounding, ``capacity/resolution`` per group at most). Options that do not reduce memory
+below the group's exact bytes are never offered: sampling where it frees nothing costs variance
+for nothing. ``O(G · options · resolution)`` in vectorised numpy: ~224 groups × 6 options ×
+4096 units takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["GroupChoice", "Solution", "solve", "DEFAULT_MENU", "variance_cost"]
+
+DEFAULT_MENU: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
+
+
+@dataclass(frozen=True)
+class GroupChoice:
+    """One group's options: exact bytes, and bytes at each sampled ratio of the menu."""
+
+    name: str
+    dense_bytes: int
+    sampled_bytes: dict[float, int]  # ratio (< 1) -> bytes kept at that ratio
+    cost_weight: float  # c_g of the variance model
+
+
+@dataclass(frozen=True)
+class Solution:
+    """The solver's decision: a ratio per group (1.0 = exact), bytes kept and total variance."""
+
+    ratios: dict[str, float]
+    bytes: int
+    variance: float
+    feasible: bool
+    min_bytes: int  # the least memory any choice reaches (every group at its smallest option)
+
+
+def variance_cost(cost_weight: float, ratio: float) -> float:
+    """``c·(1/r − 1)``: zero for the exact gradient, growing as fewer rows are kept."""
+    return cost_weight * (1.0 / ratio - 1.0)
+
+
+def _options(group: GroupChoice) -> list[tuple[float, int]]:
+    options = [(1.0, group.dense_bytes)]
+    for ratio, nbytes in sorted(group.sampled_bytes.items(), reverse=True):
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(f"group {group.name!r}: sampled ratio {ratio} must be in (0, 1)")
+        if nbytes < group.dense_bytes:  # never sample where it frees nothing
+            options.append((ratio, nbytes))
+    return options
+
+
+def solve(groups: Sequence[GroupChoice], capacity: int, *, resolution: int = 4096) -> Solution:
+    """Choose a ratio per group minimising total variance with total bytes ≤ ``capacity``.
+
+    Infeasible (even the smallest options exceed ``capacity``): returns ``feasible=False`` with
+    every group at its smallest option, so the caller can report how far off the budget is.
+    """
+    options = [_options(g) for g in groups]
+    min_bytes = sum(min(b for _, b in opts) for opts in options)
+    max_bytes = sum(g.dense_bytes for g in groups)
+    if not groups:
+        return Solution({}, 0, 0.0, capacity >= 0, 0)
+    if capacity >= max_bytes:  # everything exact fits: no sampling at all
+        return Solution({g.name: 1.0 for g in groups}, max_bytes, 0.0, True, min_bytes)
+    if capacity < min_bytes:
+        ratios = {g.name: min(opts, key=lambda o: o[1])[0] for g, opts in zip(groups, options)}
+        variance = sum(variance_cost(g.cost_weight, ratios[g.name]) for g in groups)
+        return Solution(ratios, min_bytes, variance, False, min_bytes)
+
+    unit = max(1, math.ceil(capacity / resolution))
+    slots = capacity // unit
+    inf = np.inf
+    # best[m] = least variance with at most m units used, over the groups seen so far.
+    best = np.zeros(slots + 1)
+    picks = np.zeros((len(groups), slots + 1), dtype=np.int8)
+    for gi, (group, opts) in enumerate(zip(groups, options)):
+        new_best = np.full(slots + 1, inf)
+        new_pick = np.zeros(slots + 1, dtype=np.int8)
+        for oi, (ratio, nbytes) in enumerate(opts):
+            size = math.ceil(nbytes / unit)
+            if size > slots:
+                continue
+            candidate = np.full(slots + 1, inf)
+            candidate[size:] = best[: slots + 1 - size] + variance_cost(group.cost_weight, ratio)
+            better = candidate < new_best
+            new_best[better] = candidate[better]
+            new_pick[better] = oi
+        best, picks[gi] = new_best, new_pick
+    if not np.isfinite(best[slots]):  # rounding up made the tightest fit infeasible
+        ratios = {g.name: min(opts, key=lambda o: o[1])[0] for g, opts in zip(groups, options)}
+        variance = sum(variance_cost(g.cost_weight, ratios[g.name]) for g in groups)
+        return Solution(ratios, min_bytes, variance, min_bytes <= capacity, min_bytes)
+
+    ratios, used_bytes, m = {}, 0, slots
+    for gi in range(len(groups) - 1, -1, -1):
+        ratio, nbytes = options[gi][picks[gi, m]]
+        ratios[groups[gi].name] = ratio
+        used_bytes += nbytes
+        m -= math.ceil(nbytes / unit)
+    variance = sum(variance_cost(g.cost_weight, ratios[g.name]) for g in groups)
+    return Solution(dict(reversed(list(ratios.items()))), used_bytes, variance, True, min_bytes)
