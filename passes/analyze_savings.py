@@ -78,12 +78,15 @@ class PartitionTrace:
         """Forward nodes the backward graph recomputes (copied under their joint names)."""
         return {n.name for n in self.backward.graph.nodes if n.op == "call_function"}
 
-    def saved_bytes(self, exclude: set[str] = frozenset()) -> int:
-        """Bytes of the distinct storages saved for backward, less the ``exclude`` d ones."""
-        nodes = {n.name: n for n in self.joint.graph.nodes}
-        return sum(_nbytes(nodes[n]) for n in self.saved_roots if n in nodes and n not in exclude)
+    def saved_bytes(self, exclude: set[str] = frozenset(), at: dict | None = None) -> int:
+        """Bytes of the distinct storages saved for backward, less the ``exclude`` d ones.
 
-    def backward_peak_bytes(self, exclude: set[str] = frozenset()) -> int:
+        ``at`` maps shape symbols to values (e.g. another batch size); default: the traced sizes.
+        """
+        nodes = {n.name: n for n in self.joint.graph.nodes}
+        return sum(_nbytes(nodes[n], at) for n in self.saved_roots if n in nodes and n not in exclude)
+
+    def backward_peak_bytes(self, exclude: set[str] = frozenset(), at: dict | None = None) -> int:
         """Peak live bytes while the backward graph runs: saved inputs are released after their
         last use (AOTAutograd's boxed calling convention), intermediates after theirs. The
         gradients it returns are not counted (the memory model accounts for them apart), nor
@@ -104,11 +107,11 @@ class PartitionTrace:
         for i, node in enumerate(nodes):
             if (_root(node) is node and _is_tensor(node) and node.name not in exclude
                     and node not in returned):
-                live += _nbytes(node)
+                live += _nbytes(node, at)
                 peak = max(peak, live)
             for base in releases[i]:
                 if _is_tensor(base) and base.name not in exclude:
-                    live -= _nbytes(base)
+                    live -= _nbytes(base, at)
         return peak
 
 
@@ -150,6 +153,7 @@ class SiteGroup:
     sites: list[LinearSite]
     verdict: str  # FREES, FREES_NOTHING or ADDS_MEMORY, before weighing the compact copies
     reason: str
+    root_node: fx.Node | None = None  # in the all-sampled trace, to size it at other shapes
 
 
 @dataclass
@@ -164,6 +168,27 @@ class GraphAnalysis:
     def activation_bytes(self) -> int:
         """Bytes the dense partition saves for backward, parameters excluded."""
         return self.dense.saved_bytes(exclude=self.parameter_inputs)
+
+    def batch_symbol(self):
+        """The shape symbol of the batch dimension, when the graph was traced with a dynamic one."""
+        for node in self.dense.joint.graph.find_nodes(op="placeholder"):
+            value = node.meta.get("val")
+            if node.name in self.parameter_inputs or not isinstance(value, torch.Tensor):
+                continue
+            if value.dim() and isinstance(value.shape[0], torch.SymInt):
+                free = value.shape[0].node.expr.free_symbols
+                if len(free) == 1:
+                    return next(iter(free))
+        return None
+
+    def sizes_at(self, at: dict | None) -> tuple[int, int, dict[str, int]]:
+        """(saved activation bytes, backward peak bytes, bytes per group root) with the shape
+        symbols in ``at`` set to other values; ``None``: as traced."""
+        return (
+            self.dense.saved_bytes(exclude=self.parameter_inputs, at=at),
+            self.dense.backward_peak_bytes(exclude=self.parameter_inputs, at=at),
+            {g.root: _nbytes(g.root_node, at) for g in self.groups},
+        )
 
 
 def analyze_savings(gm: fx.GraphModule, config: WTAConfig) -> fx.GraphModule:
@@ -249,7 +274,7 @@ def classify_sites(gm: fx.GraphModule, config: WTAConfig) -> GraphAnalysis:
     groups = []
     for name, sites in members.items():
         verdict, reason = _verdict(sampled, roots[name], keys, dense_saved_keys)
-        groups.append(SiteGroup(name, _nbytes(roots[name]), sites, verdict, reason))
+        groups.append(SiteGroup(name, _nbytes(roots[name]), sites, verdict, reason, roots[name]))
     for site in eligible:
         if site.input_root is None:  # vanished from the trace (dead code): nothing to gain
             site.verdict, site.reason = FREES_NOTHING, "not in the traced graph"
@@ -337,11 +362,18 @@ def _is_tensor(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
 
 
-def _nbytes(node: fx.Node) -> int:
+def _nbytes(node: fx.Node, at: dict | None = None) -> int:
     value = node.meta.get("val")
     if not isinstance(value, torch.Tensor):
         return 0
-    return _hint(value.numel()) * value.element_size()
+    numel = value.numel()
+    if at is not None and isinstance(numel, torch.SymInt):
+        expr = numel.node.expr.subs(at)
+        if expr.free_symbols:  # other symbols keep their traced values
+            hints = numel.node.shape_env.var_to_val
+            expr = expr.subs({sym: hints[sym] for sym in expr.free_symbols if sym in hints})
+        return int(expr) * value.element_size()
+    return _hint(numel) * value.element_size()
 
 
 def _compact_bytes(site: LinearSite, keep_ratio: float, min_rows: int, rows: int | None = None) -> int:

@@ -4,8 +4,10 @@ Pipeline: capture (dynamo, on meta tensors) → analyze (the backend's own two A
 per graph, :func:`wtacompile.passes.classify_sites`) → memory model → solve
 (:mod:`wtacompile.solver`, pure) → :class:`Plan`.
 
-Memory model (bytes, at batch ``b``; activations and the backward transient are traced at batch
-``b₀`` and scale linearly in ``b``)::
+Memory model (bytes, at batch ``b``). Activations and the backward transient come from the traced
+graphs: exactly at the requested batch; when searching for the largest batch, from one trace with
+a symbolic batch dimension evaluated at any ``b`` (max-batch figures for a fixed ``batch_size``
+assume proportional scaling from it)::
 
     resident   = parameters + optimizer state            (state: 2×trainable for Adam/AdamW)
     train peak = resident + saved activations + backward transient
@@ -202,7 +204,8 @@ def _fake_parameters(model: torch.nn.Module, fake_mode) -> Iterator[None]:
             store[name] = tensor
 
 
-def _capture(model, example_inputs, config: WTAConfig) -> list[GraphAnalysis]:
+def _capture(model, example_inputs, config: WTAConfig, symbolic_batch: int | None
+             ) -> list[GraphAnalysis]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -227,12 +230,18 @@ def _capture(model, example_inputs, config: WTAConfig) -> list[GraphAnalysis]:
         args, kwargs = (), {k: fake(v) for k, v in example_inputs.items()}
     else:
         args, kwargs = tuple(fake(v) for v in example_inputs), {}
+    if symbolic_batch is not None:
+        # A symbolic batch dimension lets one trace be evaluated at every batch size. It costs
+        # about twice the tracing time, so it is used only when searching for the batch.
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == symbolic_batch:
+                torch._dynamo.maybe_mark_dynamic(value, 0)
     # Planning compiles with its own backend; start and end with clean caches so neither the
     # user's compiled functions nor this capture see the other's entries.
     torch._dynamo.reset()
     try:
         with _fake_parameters(model, fake_mode), torch.enable_grad(), fake_mode:
-            torch.compile(model, backend=capture_backend, dynamic=False)(*args, **kwargs)
+            torch.compile(model, backend=capture_backend, dynamic=None)(*args, **kwargs)
     finally:
         torch._dynamo.reset()
     if not analyses:
@@ -243,50 +252,56 @@ def _capture(model, example_inputs, config: WTAConfig) -> list[GraphAnalysis]:
 # --------------------------------------------------------------------------- memory model
 
 
+def _affine(v0: float, v1: float, b0: int):
+    """The line through (b0, v0) and (b0 + 1, v1), as a function of the batch size."""
+    return lambda batch: v0 + (v1 - v0) * (batch - b0)
+
+
 @dataclass
 class _Model:
-    """Everything the memory model needs, in numbers (the planner's side of the adapter)."""
+    """Everything the memory model needs, in numbers (the planner's side of the adapter).
+
+    Activation-like terms are affine in the batch size: the graphs are traced with a symbolic
+    batch dimension and evaluated at two batch sizes (or, if the batch could not be made
+    symbolic, scaled in proportion to it).
+    """
 
     parameters: int
     gradients: int
     optimizer: int
     step_temporaries: int
-    activations: int  # dense saved activations at trace batch
-    transient: int  # backward transient at trace batch
+    activations: Any  # batch -> dense saved activation bytes
+    transient: Any  # batch -> backward transient bytes
+    groups: list[tuple[str, Any, Any]]  # (key, SiteGroup, batch -> bytes of its input)
     trace_batch: int
-    groups: list[tuple[str, Any]]  # (key, SiteGroup) that sampling can free
-
-    def scale(self, batch: int) -> float:
-        return batch / self.trace_batch
 
     def resident(self) -> int:
         return self.parameters + self.optimizer
 
     def fixed_at(self, batch: int) -> int:
         """Train-peak bytes sampling cannot change, at ``batch``."""
-        s = self.scale(batch)
-        sampleable = sum(g.root_bytes for _, g in self.groups)
-        return self.resident() + int((self.activations - sampleable + self.transient) * s)
+        sampleable = sum(root_bytes(batch) for _, _, root_bytes in self.groups)
+        return self.resident() + int(self.activations(batch) - sampleable + self.transient(batch))
 
     def choices_at(self, batch: int, min_rows: int, menu) -> list[GroupChoice]:
-        s = self.scale(batch)
+        scale = batch / self.trace_batch  # rows are batch x sequence: exactly proportional
         choices = []
-        for key, group in self.groups:
-            rows = [max(1, round(site.rows * s)) for site in group.sites]
+        for key, group, root_bytes in self.groups:
+            rows = [max(1, round(site.rows * scale)) for site in group.sites]
             sampled = {
                 r: sum(compact_bytes(site, r, min_rows, n) for site, n in zip(group.sites, rows))
                 for r in menu if r < 1.0
             }
             weight = float(sum(site.in_features * site.out_features for site in group.sites))
-            choices.append(GroupChoice(key, int(group.root_bytes * s), sampled, weight))
+            choices.append(GroupChoice(key, int(root_bytes(batch)), sampled, weight))
         return choices
 
     def step_peak(self) -> int:
         return self.resident() + self.gradients + self.step_temporaries
 
     def baseline_peak(self, batch: int) -> int:
-        s = self.scale(batch)
-        return max(self.resident() + int((self.activations + self.transient) * s), self.step_peak())
+        train = self.resident() + int(self.activations(batch) + self.transient(batch))
+        return max(train, self.step_peak())
 
 
 def _memory_model(parameters, analyses, optimizer: str, trace_batch: int) -> _Model:
@@ -297,19 +312,40 @@ def _memory_model(parameters, analyses, optimizer: str, trace_batch: int) -> _Mo
     trainable = [p for p in unique if p.requires_grad]
     grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
     largest = max((p.numel() * p.element_size() for p in trainable), default=0)
+
+    b0 = trace_batch
+    sizes = []  # per graph: [(activations, backward peak, {root: bytes}) at b0 and at b0 + 1]
+    for analysis in analyses:
+        here = analysis.sizes_at(None)
+        symbol = analysis.batch_symbol()
+        if symbol is not None:
+            there = analysis.sizes_at({symbol: b0 + 1})
+        else:  # static trace: assume everything scales with the batch
+            k = (b0 + 1) / b0
+            there = (here[0] * k, here[1] * k, {r: v * k for r, v in here[2].items()})
+        sizes.append((here, there))
+
+    def totals(i):
+        # Backward runs the graphs in reverse: while graph g's backward runs, the graphs before
+        # it (in forward order) still hold their saved activations; the ones after are done.
+        activations = worst = 0
+        for point in sizes:
+            act, peak, _ = point[i]
+            worst = max(worst, activations + peak)
+            activations += act
+        return activations, worst - activations
+
+    (act0, tr0), (act1, tr1) = totals(0), totals(1)
     groups = []
-    # Backward runs the graphs in reverse: while graph g's backward runs, the graphs before it
-    # (in forward order) still hold their saved activations and the ones after it are done.
-    activations = worst = 0
-    for gi, analysis in enumerate(analyses):
-        peak = analysis.dense.backward_peak_bytes(exclude=analysis.parameter_inputs)
-        worst = max(worst, activations + peak)
-        activations += analysis.activation_bytes
-        groups += [(f"{gi}:{g.root}", g) for g in analysis.groups if g.verdict == FREES]
-    transient = worst - activations
-    return _Model(param_bytes, grad_bytes, OPTIMIZER_STATES[optimizer] * grad_bytes,
-                  2 * largest if OPTIMIZER_STATES[optimizer] else 0, activations,
-                  max(transient, 0), trace_batch, groups)
+    for gi, (analysis, (here, there)) in enumerate(zip(analyses, sizes)):
+        for g in analysis.groups:
+            if g.verdict == FREES:
+                groups.append((f"{gi}:{g.root}", g, _affine(here[2][g.root], there[2][g.root], b0)))
+    return _Model(
+        param_bytes, grad_bytes, OPTIMIZER_STATES[optimizer] * grad_bytes,
+        2 * largest if OPTIMIZER_STATES[optimizer] else 0,
+        _affine(act0, act1, b0), lambda b: max(_affine(tr0, tr1, b0)(b), 0), groups, b0,
+    )
 
 
 # --------------------------------------------------------------------------- solve + report
@@ -351,9 +387,10 @@ def plan(
             raise ValueError(f"batch_size={batch_size} but example_inputs have batch {trace_batch}")
         batch_size = trace_batch
     else:
-        trace_batch = batch_size or 1
+        trace_batch = batch_size or 2  # 2: batch sizes 0 and 1 are never symbolic
         inputs = default_example_inputs(model, trace_batch, seq_len)
-    analyses = _capture(model, inputs, config)
+    search = batch_size is None
+    analyses = _capture(model, inputs, config, trace_batch if search else None)
     mm = _memory_model(model.parameters(), analyses, optimizer, trace_batch)
 
     def solve_at(batch: int):
@@ -368,19 +405,19 @@ def plan(
     chosen_batch = batch_size if batch_size is not None else max(sampled_max, 1)
     choices, solution = solve_at(chosen_batch)
     ratios = solution.ratios
-    s = mm.scale(chosen_batch)
+    s = chosen_batch / trace_batch
     planned_groups = sum(
         c.dense_bytes if ratios[c.name] == 1.0 else c.sampled_bytes[ratios[c.name]] for c in choices
     )
     sampleable = sum(c.dense_bytes for c in choices)
-    activations = int((mm.activations * s)) - sampleable + planned_groups
-    transient = int(mm.transient * s)
+    activations = int(mm.activations(chosen_batch)) - sampleable + planned_groups
+    transient = int(mm.transient(chosen_batch))
     peak = max(mm.resident() + activations + transient, mm.step_peak())
     fits = solution.feasible and peak <= budget
     baseline_peak = mm.baseline_peak(chosen_batch)
 
     keep_ratios, layers = {}, []
-    by_key = dict(mm.groups)
+    by_key = {key: group for key, group, _ in mm.groups}
     for choice in choices:
         group = by_key[choice.name]
         ratio = ratios[choice.name]
@@ -399,7 +436,7 @@ def plan(
                     layers.append(LayerPlan(site.weight, site.in_features, site.out_features,
                                             round(site.rows * s), 0, 0, 1.0, group.reason))
 
-    need = max(mm.resident() + int(mm.activations * s) - sampleable + transient
+    need = max(mm.resident() + int(mm.activations(chosen_batch)) - sampleable + transient
                + solution.min_bytes, mm.step_peak())
     advice = ""
     if not fits:
@@ -412,12 +449,13 @@ def plan(
     breakdown = {
         "parameters": mm.parameters, "gradients": mm.gradients, "optimizer": mm.optimizer,
         "activations": activations, "transient": transient,
-        "baseline_activations": int(mm.activations * s), "step_temporaries": mm.step_temporaries,
+        "baseline_activations": int(mm.activations(chosen_batch)),
+        "step_temporaries": mm.step_temporaries,
     }
     return Plan(
         mem_gb=mem_gb, fits=fits, batch_size=chosen_batch, seq_len=seq_len, peak_bytes=peak,
         baseline_peak_bytes=baseline_peak, activation_bytes=activations,
-        baseline_activation_bytes=int(mm.activations * s), max_batch_size=sampled_max,
+        baseline_activation_bytes=int(mm.activations(chosen_batch)), max_batch_size=sampled_max,
         baseline_max_batch_size=baseline_max, keep_ratios=keep_ratios, breakdown=breakdown,
         layers=layers, optimizer=optimizer, advice=advice, min_peak_bytes=need,
     )
@@ -433,7 +471,7 @@ def plan_graph_ratios(analysis: GraphAnalysis, parameters, *, budget_bytes: int,
     choices = mm.choices_at(1, min_rows, menu)
     solution = solve(choices, budget_bytes - mm.fixed_at(1))
     ratios = {}
-    by_key = dict(mm.groups)
+    by_key = {key: group for key, group, _ in mm.groups}
     planned = 0
     for choice in choices:
         ratio = solution.ratios[choice.name]
