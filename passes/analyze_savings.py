@@ -87,14 +87,20 @@ class PartitionTrace:
         return sum(_nbytes(nodes[n], at) for n in self.saved_roots if n in nodes and n not in exclude)
 
     def backward_peak_bytes(self, exclude: set[str] = frozenset(), at: dict | None = None) -> int:
-        """Peak live bytes while the backward graph runs: saved inputs are released after their
-        last use (AOTAutograd's boxed calling convention), intermediates after theirs. The
-        gradients it returns are not counted (the memory model accounts for them apart), nor
-        are parameters (``exclude``)."""
+        """Peak live bytes while the backward graph runs: saved inputs and intermediates are freed
+        after their last use (AOTAutograd's boxed calling convention clears its argument list),
+        the gradients it returns stay. Parameters (``exclude``) are not counted."""
         nodes = [n for n in self.backward.graph.nodes if n.op != "output"]
         position = {n: i for i, n in enumerate(nodes)}
+        # A saved view of a parameter (a transposed weight) arrives as its own placeholder.
+        forward_nodes = {n.name: n for n in self.forward.graph.nodes}
+        exclude = set(exclude) | {
+            n.name for n in nodes if n.op == "placeholder" and n.name in forward_nodes
+            and _root(forward_nodes[n.name]).name in exclude
+        }
         returned = {_root(n) for n in self.backward.graph.find_nodes(op="output")[0].all_input_nodes}
-        dies_after: dict[fx.Node, int] = {n: position[n] for n in nodes}  # unused: dies at once
+        # Storages only (views own nothing); an unused one dies at once.
+        dies_after: dict[fx.Node, int] = {n: position[n] for n in nodes if _root(n) is n}
         for node in nodes:
             for arg in node.all_input_nodes:
                 base = _root(arg)
@@ -105,8 +111,7 @@ class PartitionTrace:
                 releases[when].append(base)
         live = peak = 0
         for i, node in enumerate(nodes):
-            if (_root(node) is node and _is_tensor(node) and node.name not in exclude
-                    and node not in returned):
+            if _root(node) is node and _is_tensor(node) and node.name not in exclude:
                 live += _nbytes(node, at)
                 peak = max(peak, live)
             for base in releases[i]:

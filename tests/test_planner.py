@@ -43,7 +43,7 @@ def _measure(model, batch, options):
     return meter.activation_bytes, resident + measure_peak_bytes(step)
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5", "vit"])
 def test_predictions_match_measured_step(family):
     model, batch = build(family)
     batch = _batch4(batch)

@@ -16,10 +16,10 @@ assume proportional scaling from it)::
 
 * saved activations — what the min-cut partitioner saves for backward, parameters excluded;
   with a plan, each sampled group's input is replaced by its compact rows and indices;
-* backward transient — the peak of intermediates while the backward graph runs (saved inputs
-  released after their last use), from a liveness walk over the partitioned backward graph;
-* gradients are not added to the train peak: they appear as backward frees the activations, so
-  the two trade places (``zero_grad(set_to_none=True)`` between steps);
+* backward transient — what the backward needs beyond the saved activations at its worst
+  moment: intermediates, and the gradients it has produced so far (a compiled backward returns
+  them together at its end), from a liveness walk over the partitioned backward graph, saved
+  inputs released after their last use;
 * optimizer-step temporaries — twice the largest trainable parameter (the per-parameter loop's
   ``sqrt``/``div`` buffers).
 
@@ -440,12 +440,15 @@ def plan(
                + solution.min_bytes, mm.step_peak())
     advice = ""
     if not fits:
-        hint = ("a smaller batch" if sampled_max >= 1 else
-                "LoRA or frozen layers (the parameters, gradients and optimizer state alone need "
-                f"{mm.step_peak() / 1e9:.1f} GB)")
+        if mm.step_peak() > budget:
+            hint = (f"LoRA, frozen layers or lower-precision weights (parameters, gradients and "
+                    f"optimizer state alone need {mm.step_peak() / 1e9:.1f} GB)")
+        elif sampled_max >= 1:
+            hint = f"a batch of at most {sampled_max}"
+        else:
+            hint = "shorter sequences, activation checkpointing or a larger budget"
         advice = (f"Does not fit: batch {chosen_batch} needs at least {need / 1e9:.1f} GB even at "
-                  f"the smallest keep ratio {min(menu)}; try {hint}"
-                  + (f" (batch {sampled_max} fits)" if sampled_max >= 1 else "") + ".")
+                  f"the smallest keep ratio {min(menu)}; try {hint}.")
     breakdown = {
         "parameters": mm.parameters, "gradients": mm.gradients, "optimizer": mm.optimizer,
         "activations": activations, "transient": transient,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -78,7 +79,7 @@ class GraphReport:
         )
 
 
-_REPORTS: list[GraphReport] = []
+_REPORTS: collections.deque[GraphReport] = collections.deque(maxlen=1024)  # bounded: recompiles
 
 
 def record(report: GraphReport) -> None:
