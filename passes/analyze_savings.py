@@ -28,6 +28,7 @@ graph itself is rewritten by :mod:`wtacompile.passes.rewrite_sampled`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from collections import defaultdict
@@ -78,15 +79,16 @@ class PartitionTrace:
         """Forward nodes the backward graph recomputes (copied under their joint names)."""
         return {n.name for n in self.backward.graph.nodes if n.op == "call_function"}
 
-    def saved_bytes(self, exclude: set[str] = frozenset(), at: dict | None = None) -> int:
+    def saved_bytes(self, exclude: set[str] = frozenset(), size=None) -> int:
         """Bytes of the distinct storages saved for backward, less the ``exclude`` d ones.
 
-        ``at`` maps shape symbols to values (e.g. another batch size); default: the traced sizes.
+        ``size`` gives a node's bytes (e.g. at another batch size); default: as traced.
         """
+        size = size or _nbytes
         nodes = {n.name: n for n in self.joint.graph.nodes}
-        return sum(_nbytes(nodes[n], at) for n in self.saved_roots if n in nodes and n not in exclude)
+        return sum(size(nodes[n]) for n in self.saved_roots if n in nodes and n not in exclude)
 
-    def backward_peak_bytes(self, exclude: set[str] = frozenset(), at: dict | None = None) -> int:
+    def backward_peak_bytes(self, exclude: set[str] = frozenset(), size=None) -> int:
         """Peak live bytes while the backward graph runs: saved inputs and intermediates are freed
         after their last use (AOTAutograd's boxed calling convention clears its argument list),
         the gradients it returns stay. Parameters (``exclude``) are not counted."""
@@ -109,14 +111,15 @@ class PartitionTrace:
         for base, when in dies_after.items():
             if base not in returned:
                 releases[when].append(base)
+        size = size or _nbytes
         live = peak = 0
         for i, node in enumerate(nodes):
             if _root(node) is node and _is_tensor(node) and node.name not in exclude:
-                live += _nbytes(node, at)
+                live += size(node)
                 peak = max(peak, live)
             for base in releases[i]:
                 if _is_tensor(base) and base.name not in exclude:
-                    live -= _nbytes(base, at)
+                    live -= size(base)
         return peak
 
 
@@ -168,6 +171,7 @@ class GraphAnalysis:
     groups: list[SiteGroup]
     dense: PartitionTrace
     parameter_inputs: set[str]  # joint placeholders that are parameters or buffers
+    _sizes: dict = dataclasses.field(default_factory=dict, repr=False)  # node -> (bytes, per row)
 
     @property
     def activation_bytes(self) -> int:
@@ -175,7 +179,8 @@ class GraphAnalysis:
         return self.dense.saved_bytes(exclude=self.parameter_inputs)
 
     def batch_symbol(self):
-        """The shape symbol of the batch dimension, when the graph was traced with a dynamic one."""
+        """(symbol, traced value) of the batch dimension if the graph was traced with a dynamic
+        one, else ``None``."""
         for node in self.dense.joint.graph.find_nodes(op="placeholder"):
             value = node.meta.get("val")
             if node.name in self.parameter_inputs or not isinstance(value, torch.Tensor):
@@ -183,16 +188,39 @@ class GraphAnalysis:
             if value.dim() and isinstance(value.shape[0], torch.SymInt):
                 free = value.shape[0].node.expr.free_symbols
                 if len(free) == 1:
-                    return next(iter(free))
+                    symbol = next(iter(free))
+                    return symbol, int(value.shape[0].node.shape_env.var_to_val[symbol])
         return None
 
-    def sizes_at(self, at: dict | None) -> tuple[int, int, dict[str, int]]:
-        """(saved activation bytes, backward peak bytes, bytes per group root) with the shape
-        symbols in ``at`` set to other values; ``None``: as traced."""
+    def sizer(self, batch: int | None):
+        """A function giving a node's bytes at ``batch`` (``None``: as traced).
+
+        Needs a symbolic batch. A tensor's numel is linear in the batch (one dimension carries
+        it), so each node is evaluated symbolically once, at two points, and cached.
+        """
+        if batch is None:
+            return _nbytes
+        found = self.batch_symbol()
+        if found is None:
+            raise ValueError("this graph was traced with a static batch size")
+        symbol, traced = found
+
+        def size(node: fx.Node) -> int:
+            if node not in self._sizes:
+                here = _nbytes(node)
+                self._sizes[node] = (here, _nbytes(node, {symbol: traced + 1}) - here)
+            here, per_row = self._sizes[node]
+            return here + per_row * (batch - traced)
+
+        return size
+
+    def sizes_at(self, batch: int | None) -> tuple[int, int, dict[str, int]]:
+        """(saved activation bytes, backward peak bytes, bytes per group root) at ``batch``."""
+        size = self.sizer(batch)
         return (
-            self.dense.saved_bytes(exclude=self.parameter_inputs, at=at),
-            self.dense.backward_peak_bytes(exclude=self.parameter_inputs, at=at),
-            {g.root: _nbytes(g.root_node, at) for g in self.groups},
+            self.dense.saved_bytes(exclude=self.parameter_inputs, size=size),
+            self.dense.backward_peak_bytes(exclude=self.parameter_inputs, size=size),
+            {g.root: size(g.root_node) for g in self.groups},
         )
 
 

@@ -9,7 +9,7 @@ import torch
 import wtacompile
 from hf_models import build
 from wtacompile import Plan, plan
-from wtacompile.memory import SavedTensorMeter, measure_peak_bytes
+from wtacompile.memory import measure_peak_bytes, measure_training_step
 
 AOT = {"inner": "aot_eager"}
 
@@ -20,27 +20,7 @@ def _batch4(batch):
 
 def _measure(model, batch, options):
     """(saved-activation bytes, peak bytes) of one AdamW training step, measured."""
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="wtacrs", options=options)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    with SavedTensorMeter(model.parameters()) as meter:
-        loss = compiled(**batch).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    del loss
-    resident = sum(p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values())
-    resident += sum(v.untyped_storage().nbytes() for s in opt.state.values() for v in s.values()
-                    if isinstance(v, torch.Tensor))
-    resident += sum(v.untyped_storage().nbytes() for v in batch.values())  # inputs exist already
-
-    def step():
-        loss = compiled(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return meter.activation_bytes, resident + measure_peak_bytes(step)
+    return measure_training_step(model, batch, options)
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5", "vit"])

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["SavedTensorMeter", "measure_peak_bytes", "storage_key"]
+__all__ = ["SavedTensorMeter", "measure_peak_bytes", "measure_training_step", "storage_key"]
 
 
 def storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -78,3 +78,36 @@ def measure_peak_bytes(fn: Callable[[], object]) -> int:
         current += event.nbytes()
         peak = max(peak, current)
     return peak
+
+
+def measure_training_step(model: torch.nn.Module, batch: dict, options: dict | None = None,
+                          *, backend: str = "wtacrs") -> tuple[int, int]:
+    """Compile ``model`` and measure one AdamW step: (saved-activation bytes, peak bytes).
+
+    The step is run once to compile and create the optimizer state; the measured step follows.
+    Peak counts everything alive at the worst moment: parameters, optimizer state, the batch
+    and whatever the step allocates (:func:`measure_peak_bytes`). Resets dynamo first.
+    """
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, options=options)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        loss = compiled(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with SavedTensorMeter(model.parameters()) as meter:
+        loss = compiled(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    del loss
+    resident = {storage_key(p): p.untyped_storage().nbytes() for p in model.parameters()}
+    for state in optimizer.state.values():
+        resident.update({storage_key(v): v.untyped_storage().nbytes()
+                         for v in state.values() if isinstance(v, torch.Tensor)})
+    resident.update({storage_key(v): v.untyped_storage().nbytes()
+                     for v in batch.values() if isinstance(v, torch.Tensor)})
+    return meter.activation_bytes, sum(resident.values()) + measure_peak_bytes(step)

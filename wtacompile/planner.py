@@ -29,6 +29,7 @@ Frozen parameters have no gradient or state; a frozen linear saves no input (LoR
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import inspect
 import json
@@ -252,18 +253,13 @@ def _capture(model, example_inputs, config: WTAConfig, symbolic_batch: int | Non
 # --------------------------------------------------------------------------- memory model
 
 
-def _affine(v0: float, v1: float, b0: int):
-    """The line through (b0, v0) and (b0 + 1, v1), as a function of the batch size."""
-    return lambda batch: v0 + (v1 - v0) * (batch - b0)
-
-
 @dataclass
 class _Model:
     """Everything the memory model needs, in numbers (the planner's side of the adapter).
 
-    Activation-like terms are affine in the batch size: the graphs are traced with a symbolic
-    batch dimension and evaluated at two batch sizes (or, if the batch could not be made
-    symbolic, scaled in proportion to it).
+    Activation-like terms are functions of the batch size: from a trace with a symbolic batch
+    dimension, evaluated at each batch (or, from a static trace, exact at the traced batch and
+    scaled in proportion elsewhere).
     """
 
     parameters: int
@@ -314,37 +310,37 @@ def _memory_model(parameters, analyses, optimizer: str, trace_batch: int) -> _Mo
     largest = max((p.numel() * p.element_size() for p in trainable), default=0)
 
     b0 = trace_batch
-    sizes = []  # per graph: [(activations, backward peak, {root: bytes}) at b0 and at b0 + 1]
-    for analysis in analyses:
-        here = analysis.sizes_at(None)
-        symbol = analysis.batch_symbol()
-        if symbol is not None:
-            there = analysis.sizes_at({symbol: b0 + 1})
-        else:  # static trace: assume everything scales with the batch
-            k = (b0 + 1) / b0
-            there = (here[0] * k, here[1] * k, {r: v * k for r, v in here[2].items()})
-        sizes.append((here, there))
+    symbolic = all(a.batch_symbol() is not None for a in analyses)
 
-    def totals(i):
+    @functools.lru_cache(maxsize=None)
+    def at(batch: int):
+        """(total activations, transient, {group key: input bytes}) at ``batch``."""
+        if symbolic:
+            per_graph = [a.sizes_at(batch) for a in analyses]
+        else:  # a static trace: exact at b0, proportional elsewhere
+            k = batch / b0
+            per_graph = [(act * k, peak * k, {r: v * k for r, v in roots.items()})
+                         for act, peak, roots in (a.sizes_at(None) for a in analyses)]
         # Backward runs the graphs in reverse: while graph g's backward runs, the graphs before
         # it (in forward order) still hold their saved activations; the ones after are done.
         activations = worst = 0
-        for point in sizes:
-            act, peak, _ = point[i]
+        roots = {}
+        for gi, (act, peak, group_bytes) in enumerate(per_graph):
             worst = max(worst, activations + peak)
             activations += act
-        return activations, worst - activations
+            roots.update({f"{gi}:{root}": nbytes for root, nbytes in group_bytes.items()})
+        return activations, max(worst - activations, 0), roots
 
-    (act0, tr0), (act1, tr1) = totals(0), totals(1)
     groups = []
-    for gi, (analysis, (here, there)) in enumerate(zip(analyses, sizes)):
+    for gi, analysis in enumerate(analyses):
         for g in analysis.groups:
             if g.verdict == FREES:
-                groups.append((f"{gi}:{g.root}", g, _affine(here[2][g.root], there[2][g.root], b0)))
+                key = f"{gi}:{g.root}"
+                groups.append((key, g, lambda batch, key=key: at(batch)[2][key]))
     return _Model(
         param_bytes, grad_bytes, OPTIMIZER_STATES[optimizer] * grad_bytes,
         2 * largest if OPTIMIZER_STATES[optimizer] else 0,
-        _affine(act0, act1, b0), lambda b: max(_affine(tr0, tr1, b0)(b), 0), groups, b0,
+        lambda b: at(b)[0], lambda b: at(b)[1], groups, b0,
     )
 
 
