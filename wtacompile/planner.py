@@ -29,8 +29,8 @@ Frozen parameters have no gradient or state; a frozen linear saves no input (LoR
 from __future__ import annotations
 
 import contextlib
-import functools
 import dataclasses
+import functools
 import inspect
 import json
 from collections.abc import Iterator, Mapping
@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from wtacompile.config import WTAConfig
+from wtacompile.estimator import DEFAULT_MIN_ROWS
 from wtacompile.passes import GraphAnalysis, classify_sites, compact_bytes, find_linears
 from wtacompile.report import FREES
 from wtacompile.solver import DEFAULT_MENU, GroupChoice, solve
@@ -358,14 +359,14 @@ def plan(
     menu: tuple[float, ...] = DEFAULT_MENU,
     include: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
-    min_rows: int = 10,
+    min_rows: int = DEFAULT_MIN_ROWS,
     inner: str = "inductor",
     max_batch: int = 1 << 16,
 ) -> Plan:
     """Plan keep ratios so predicted peak memory fits ``mem_gb`` at the least gradient variance.
 
     Works on a model built on the meta device (nothing is allocated) and on a real one (its
-    tensors are swapped for meta twins while it is traced). ``example_inputs`` (keyword dict or
+    parameters and buffers are swapped for fake twins while it is traced, then put back). ``example_inputs`` (keyword dict or
     positional tuple) fixes the batch; otherwise inputs come from the model's config at
     ``batch_size`` × ``seq_len``. With ``batch_size=None`` the plan is for the largest batch that
     fits with sampling. A budget that cannot be met gives a plan with ``fits=False`` and advice.
@@ -466,6 +467,7 @@ def plan_graph_ratios(analysis: GraphAnalysis, parameters, *, budget_bytes: int,
 
     Returns (ratio per weight name, predicted bytes this graph commits, feasible).
     """
+    # The graph was traced at the batch it will run with: evaluate it as traced (batch "1" = 1x).
     mm = _memory_model(parameters, [analysis], optimizer, 1)
     choices = mm.choices_at(1, min_rows, menu)
     solution = solve(choices, budget_bytes - mm.fixed_at(1))
