@@ -189,7 +189,7 @@ class GraphAnalysis:
                 free = value.shape[0].node.expr.free_symbols
                 if len(free) == 1:
                     symbol = next(iter(free))
-                    return symbol, int(value.shape[0].node.shape_env.var_to_val[symbol])
+                    return symbol, int(_backed_values(value.shape[0].node.shape_env)[symbol])
         return None
 
     def sizer(self, batch: int | None):
@@ -395,6 +395,12 @@ def _is_tensor(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
 
 
+def _backed_values(shape_env) -> dict:
+    """Traced values of the shape symbols (``var_to_val`` before torch 2.13)."""
+    values = getattr(shape_env, "backed_var_to_val", None)
+    return values if values is not None else shape_env.var_to_val
+
+
 def _nbytes(node: fx.Node, at: dict | None = None) -> int:
     value = node.meta.get("val")
     if not isinstance(value, torch.Tensor):
@@ -403,7 +409,7 @@ def _nbytes(node: fx.Node, at: dict | None = None) -> int:
     if at is not None and isinstance(numel, torch.SymInt):
         expr = numel.node.expr.subs(at)
         if expr.free_symbols:  # other symbols keep their traced values
-            hints = numel.node.shape_env.var_to_val
+            hints = _backed_values(numel.node.shape_env)
             expr = expr.subs({sym: hints[sym] for sym in expr.free_symbols if sym in hints})
         return int(expr) * value.element_size()
     return _hint(numel) * value.element_size()

@@ -134,5 +134,7 @@ def find_linears(gm: fx.GraphModule, config: WTAConfig) -> fx.GraphModule:
 def size_hint(value) -> int:
     """A concrete int for a possibly symbolic size (its hint under dynamic shapes)."""
     if isinstance(value, torch.SymInt):
-        return int(value.node.shape_env.optimization_hint(value.node.expr))
+        env = value.node.shape_env
+        hint = getattr(env, "optimization_hint", None) or env.size_hint  # renamed in torch 2.13
+        return int(hint(value.node.expr))
     return int(value)
