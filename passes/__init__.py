@@ -1,39 +1,52 @@
-"""Graph passes of the ``wtacrs`` backend, in pipeline order; each is ``(gm, config) -> gm``.
+"""Graph passes of the ``wtacrs`` backend (installed as ``wtacompile.passes``).
 
-1. :func:`find_linears` — annotate linear-like nodes with a parameter weight (capture).
-2. :func:`analyze_savings` — decide which of them sampling really frees memory for (analyze).
-3. :func:`rewrite_sampled` — rewrite the chosen ones into the sampled-save op (rewrite).
-4. :func:`pin_sampled_choices` — on the joint graph: the sampling op is saved, never recomputed.
+Every pass is ``(gm, state) -> state`` (:class:`CompileState`), and they run in this order:
 
-Installed as ``wtacompile.passes``.
+1. :func:`find_linears` — capture: the linear-like nodes and their weights, as frozen facts.
+2. :func:`analyze_savings` — analyze: which inputs sampling really frees, from the partitioned
+   joint graph (names and bytes).
+3. :func:`choose_ratios` — decide: a keep ratio per linear (fixed, from a plan, or solved under
+   ``mem_gb``).
+4. :func:`rewrite_sampled` — rewrite: the chosen linears become the sampled-save op.
+
+Lowering (the inner compiler, and the joint-graph hook that keeps the random choice saved) is
+:mod:`wtacompile.lower`.
 """
 
-from .analyze_savings import (
-    GraphAnalysis,
-    SiteGroup,
-    analyze_savings,
-    apply_verdicts,
-    classify_sites,
-    compact_bytes,
-    trace_partition,
-)
-from .find_linears import META_KEY, find_linears, parameter_fqn
-from .pin_sampled_choices import PinSampledChoices, pin_sampled_choices, pinned_min_cut_partition
-from .rewrite_sampled import rewrite_sampled
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.fx as fx
+
+from .analyze_savings import analyze_savings
+from .choose_ratios import choose_ratios
+from .compile_state import CompileState, GraphPass
+from .find_linears import find_linears
+from .rewrite_sampled import rewrite_sampled, rewrite_sites
 
 __all__ = [
-    "META_KEY",
-    "GraphAnalysis",
-    "SiteGroup",
+    "ANALYSIS_PASSES",
+    "PIPELINE",
+    "CompileState",
+    "GraphPass",
     "analyze_savings",
-    "apply_verdicts",
-    "classify_sites",
-    "compact_bytes",
+    "choose_ratios",
     "find_linears",
-    "parameter_fqn",
-    "PinSampledChoices",
-    "pin_sampled_choices",
-    "pinned_min_cut_partition",
     "rewrite_sampled",
-    "trace_partition",
+    "rewrite_sites",
+    "run_passes",
 ]
+
+#: What the planner runs: facts and analysis, no decision, no rewrite.
+ANALYSIS_PASSES: tuple[GraphPass, ...] = (find_linears, analyze_savings)
+#: What the backend runs on every training graph.
+PIPELINE: tuple[GraphPass, ...] = (*ANALYSIS_PASSES, choose_ratios, rewrite_sampled)
+
+
+def run_passes(gm: fx.GraphModule, state: CompileState,
+               passes: Sequence[GraphPass] = PIPELINE) -> CompileState:
+    """Run ``passes`` in order, each on the state the previous one returned."""
+    for graph_pass in passes:
+        state = graph_pass(gm, state)
+    return state

@@ -65,15 +65,21 @@ def test_sampled_weight_grad(n, d, k, n_out):
 @needs_kernels
 @pytest.mark.interpreter
 def test_sampled_linear_end_to_end_on_kernels():
-    from wtacompile import sampled_linear
-
+    """The op's forward and backward on the kernels equal the references for the rows it chose."""
     torch.manual_seed(0)
     x = torch.randn(3, 37, 24, device=DEVICE, requires_grad=True)
     w = torch.randn(10, 24, device=DEVICE, requires_grad=True)
-    y = sampled_linear(x, w, keep_ratio=0.3)
-    assert torch.equal(y, torch.nn.functional.linear(x, w))
-    y.sum().backward()
-    assert torch.isfinite(w.grad).all()
+    b = torch.randn(10, device=DEVICE, requires_grad=True)
+    out, x_saved, index = torch.ops.wtacompile.sampled_linear(x, w, b, 0.3, "wtacrs", 10)
+    assert torch.equal(out, torch.nn.functional.linear(x, w, b))
+    assert x_saved.shape == (34, 24) and index.shape == (34,)  # k = ceil(0.3 * 111)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    grad_2d = grad_out.reshape(-1, 10)
+    torch.testing.assert_close(
+        w.grad, kernels.sampled_weight_grad_reference(grad_2d, index, x_saved), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, grad_out @ w.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, grad_2d.sum(0), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(INTERPRETING or not kernels.TRITON_AVAILABLE, reason="this is the launcher")

@@ -1,7 +1,6 @@
 """wtacompile.plan(): the memory model against measured reality, the Plan object, the CLI."""
 
 import copy
-import time
 
 import pytest
 import torch
@@ -110,8 +109,9 @@ def test_backend_mem_gb_option():
     torch.compile(copy.deepcopy(model), backend="wtacrs", options=dict(AOT, mem_gb=tight))(**batch)
     assert any(r.sampled_sites for r in wtacompile.compile_reports())
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="cannot be met"):
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="cannot be met") as info:
         torch.compile(copy.deepcopy(model), backend="wtacrs", options=dict(AOT, mem_gb=1e-6))(**batch)
+    assert isinstance(info.value.inner_exception, ValueError)
 
 
 def test_plan_option_conflicts():
@@ -132,16 +132,14 @@ def test_cli(tmp_path, capsys):
     assert Plan.from_json(out.read_text()).fits
 
 
-def test_llama_7b_shaped_plan_is_fast():
+def test_llama_7b_shaped_plan():
+    """A full-size plan on a meta model (its time is in benchmarks/bench_planner.py, not here)."""
     import transformers as tf
 
     cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
     with torch.device("meta"):
         model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    start = time.perf_counter()
     result = plan(model, 80, batch_size=1, seq_len=2048)
-    elapsed = time.perf_counter() - start
     assert result.breakdown["parameters"] == sum(p.numel() * 2 for p in model.parameters())
     assert len(result.layers) == 32 * 7 + 1
-    assert elapsed < 45, elapsed  # measured ~26 s on the 2-core CI machine

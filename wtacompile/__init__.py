@@ -13,14 +13,15 @@ from wtacompile.eager import sample_linears
 from wtacompile.estimator import METHODS, RowSelection, num_kept_rows, select_rows
 from wtacompile.memory import SavedTensorMeter
 from wtacompile.ops import sampled_linear
-from wtacompile.planner import LayerPlan, Plan, plan
+from wtacompile.planning import LayerPlan, Plan, plan
 from wtacompile.report import (
     GraphReport,
-    LinearSite,
+    SiteReport,
     clear_reports,
     compile_reports,
     last_compile_report,
 )
+from wtacompile.sites import LinearSite
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "LinearSite",
     "RowSelection",
     "SavedTensorMeter",
+    "SiteReport",
     "WTAConfig",
     "clear_reports",
     "compile_reports",

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the plan as JSON here")
     args = parser.parse_args(argv)
 
-    from wtacompile.planner import plan
+    from wtacompile.planning import plan
 
     config = build_config(args.config, args.set)
     model = build_model(config, args.task, DTYPES[args.dtype])

@@ -20,10 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wtacompile.estimator import DEFAULT_MIN_ROWS, validate_sampling_args
+from wtacompile.plan_result import Plan
 
-__all__ = ["WTAConfig", "INNER_COMPILERS"]
+__all__ = ["INNER_COMPILERS", "OPTIMIZER_STATES", "WTAConfig"]
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+# Optimizer state tensors per trainable parameter, for the memory model.
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd_momentum": 1, "none": 0}
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,6 @@ class WTAConfig:
                 raise ValueError(f"{name} must be a list of fnmatch patterns, got {patterns!r}")
         if self.mem_gb is not None and not (isinstance(self.mem_gb, (int, float)) and self.mem_gb > 0):
             raise ValueError(f"mem_gb must be a positive number of GB, got {self.mem_gb!r}")
-        from wtacompile.planner import OPTIMIZER_STATES
-
         if self.optimizer not in OPTIMIZER_STATES:
             raise ValueError(
                 f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}"
@@ -132,11 +133,7 @@ class WTAConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-
-
 def _plan_ratios(plan: Any) -> dict[str, float]:
-    from wtacompile.planner import Plan
-
     if isinstance(plan, (str, os.PathLike)):
         text = str(plan)
         if not text.lstrip().startswith("{"):

@@ -55,11 +55,10 @@ Edge cases, all without host synchronisation (every shape is fixed by ``k``):
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-Method = Literal["wtacrs", "crs", "uniform", "topk"]
 METHODS: tuple[str, ...] = ("wtacrs", "crs", "uniform", "topk")
 UNBIASED_METHODS: tuple[str, ...] = ("wtacrs", "crs", "uniform")
 DEFAULT_MIN_ROWS = 10  # the reference implementation's floor on k
@@ -184,7 +183,3 @@ def select_rows(
     scale = torch.where(is_winner_slot, 1.0, residual_scale)
     return RowSelection(index, scale.float())
 
-
-def row_scores(x2d: torch.Tensor) -> torch.Tensor:
-    """Per-row L2 norms in float32 (the sampling scores)."""
-    return torch.linalg.vector_norm(x2d.float(), dim=1)

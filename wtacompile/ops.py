@@ -9,8 +9,9 @@ r"""The sampled-save linear: exact forward, exact ``dX``/``db``, unbiased ``dW``
 
 The two extra outputs exist so that what backward needs is *produced by forward*: autograd (and
 AOTAutograd's partitioner under ``torch.compile``) saves them, and the random choice is made once,
-in forward, and never re-drawn. The op carries ``torch.Tag.nondeterministic_seeded``, which stops
-the partitioner from recomputing it in backward.
+in forward, and never re-drawn. The op carries ``torch.Tag.nondeterministic_seeded``, which
+declares it random (Inductor never constant-folds it); what keeps the partitioner from recomputing
+it in backward — which would draw again — is :func:`wtacompile.lower.pin_sampled_choices`.
 
 Backward, with ``G = dY`` flattened to ``(N, out)``:
 

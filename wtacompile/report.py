@@ -1,55 +1,64 @@
-"""What the backend decided, per linear, per compiled graph: read by tests, people and the planner."""
+"""What the backend decided, per linear, per compiled graph: read by tests, people and benchmarks.
+
+A :class:`GraphReport` is built once, at the end of the passes, from their values (the sites'
+facts and the decisions) and never changes afterwards.
+"""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-__all__ = ["LinearSite", "GraphReport", "last_compile_report", "compile_reports", "clear_reports"]
+from wtacompile.sites import LinearSite, SiteDecision
 
-# Verdicts of the analysis pass.
-FREES = "frees"  # nothing else keeps the input for backward: sampling frees its bytes
-FREES_NOTHING = "frees-nothing"  # dense training would not keep the input either
-ADDS_MEMORY = "adds-memory"  # another backward keeps the full input: sampling would only add
-SKIPPED = "skipped"  # not eligible (frozen weight, excluded by pattern, ratio 1.0)
+__all__ = ["GraphReport", "SiteReport", "clear_reports", "compile_reports", "last_compile_report"]
 
 
-@dataclass
-class LinearSite:
+@dataclass(frozen=True)
+class SiteReport:
     """One linear-like node of a captured graph and what became of it."""
 
-    node: str  # node name in the dynamo graph
     weight: str  # parameter FQN of the weight, e.g. "encoder.layer.0.attention.self.query.weight"
+    node: str  # node name in the dynamo graph
     op: str  # "linear", "addmm", "mm" or "matmul"
     input_shape: tuple[int, ...]
     dtype: str
-    rows: int  # N: rows of the input flattened over its leading dims
     in_features: int
     out_features: int
     input_bytes: int
-    weight_requires_grad: bool
-    keep_ratio: float | None = None  # requested ratio (None: excluded by include/exclude)
-    input_root: str | None = None  # joint-graph tensor whose storage the input is a view of
-    verdict: str = SKIPPED
-    reason: str = ""
-    freed_bytes: int = 0  # predicted: input bytes released minus the compact rows kept
-    sampled: bool = False
+    sampled: bool
+    keep_ratio: float | None  # the ratio it is sampled at (None: not sampled)
+    verdict: str  # "frees", "frees-nothing", "adds-memory" or "skipped"
+    reason: str
+    freed_bytes: int  # predicted: input bytes released minus the compact rows kept
+    input_root: str | None  # joint-graph storage of its input (shared by q/k/v)
+
+    @classmethod
+    def of(cls, site: LinearSite, decision: SiteDecision) -> SiteReport:
+        return cls(site.weight, site.node, site.op, site.input_shape, site.dtype, site.in_features,
+                   site.out_features, site.input_bytes, decision.sampled, decision.keep_ratio,
+                   decision.verdict, decision.reason, decision.freed_bytes, decision.input_root)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GraphReport:
-    """All sites of one compiled graph, plus the partitioner's saved bytes before and after."""
+    """All sites of one compiled graph."""
 
     graph_id: int
     config_fingerprint: str
     training: bool
-    sites: list[LinearSite] = field(default_factory=list)
-    saved_bytes_sampled_trace: int | None = None  # analysis trace with every eligible site sampled
-    notes: list[str] = field(default_factory=list)
+    sites: tuple[SiteReport, ...] = ()
+
+    @classmethod
+    def build(cls, graph_id: int, config_fingerprint: str, training: bool,
+              sites: Sequence[LinearSite] = (), decisions: Mapping[str, SiteDecision] = {}) -> GraphReport:
+        rows = tuple(SiteReport.of(site, decisions[site.weight]) for site in sites)
+        return cls(graph_id, config_fingerprint, training, rows)
 
     @property
-    def sampled_sites(self) -> list[LinearSite]:
+    def sampled_sites(self) -> list[SiteReport]:
         return [s for s in self.sites if s.sampled]
 
     @property

@@ -1,0 +1,139 @@
+"""Each pass on its own: values in, values out (the backend tests cover them end to end)."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wtacompile import Plan, WTAConfig
+from wtacompile.memory_model import GraphMemory, Size, compact_bytes
+from wtacompile.passes import ANALYSIS_PASSES, PIPELINE, CompileState, choose_ratios, run_passes
+from wtacompile.plan_result import PLAN_SCHEMA, LayerPlan
+from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, InputGroup, LinearSite, SavingsAnalysis
+
+
+def _site(weight, rows=100, in_features=32, requested=0.3, trainable=True):
+    return LinearSite(node=weight.replace(".", "_"), weight=weight, op="linear", weight_layout="out_in",
+                      input_shape=(rows, in_features), dtype="float32", itemsize=4, rows=rows,
+                      in_features=in_features, out_features=16, input_bytes=rows * in_features * 4,
+                      weight_requires_grad=trainable, requested_ratio=requested)
+
+
+def _state(sites, groups, untraced=(), **config):
+    analysis = SavingsAnalysis(tuple(groups), tuple(untraced), GraphMemory(Size(10**6), ()))
+    return CompileState(WTAConfig(**config), (), tuple(sites), analysis)
+
+
+def test_choose_ratios_from_values():
+    q, k, v = _site("q"), _site("k"), _site("v")
+    alone = _site("alone", requested=0.1)
+    recomputed, kept = _site("recomputed"), _site("kept")
+    frozen, excluded = _site("frozen", trainable=False), _site("excluded", requested=None)
+    gone = _site("gone")
+    qkv_bytes = 100 * 32 * 4
+    state = _state(
+        [q, k, v, alone, recomputed, kept, frozen, excluded, gone],
+        [InputGroup("h", ("q", "k", "v"), Size(qkv_bytes), FREES, "input saved only for this weight gradient"),
+         InputGroup("a", ("alone",), Size(qkv_bytes), FREES, "input saved only for this weight gradient"),
+         InputGroup("r", ("recomputed",), Size(qkv_bytes), FREES_NOTHING, "recomputed"),
+         InputGroup("s", ("kept",), Size(qkv_bytes), ADDS_MEMORY, "kept for another backward")],
+        untraced=("gone",),
+    )
+    decisions = choose_ratios(None, state).decisions
+    assert list(decisions) == ["q", "k", "v", "alone", "recomputed", "kept", "frozen", "excluded", "gone"]
+    # Three compact copies at 0.3 (30 rows each) weigh less than the shared input (100 rows).
+    per_copy = compact_bytes(100, 32, 4, 0.3, 10)
+    assert decisions["q"].sampled and decisions["q"].keep_ratio == 0.3
+    assert decisions["q"].freed_bytes == (qkv_bytes - 3 * per_copy) // 3
+    assert decisions["q"].reason.endswith("(input shared by 3 linears)")
+    assert decisions["alone"].keep_ratio == 0.1
+    assert decisions["alone"].freed_bytes == qkv_bytes - compact_bytes(100, 32, 4, 0.1, 10)
+    assert {w: decisions[w].verdict for w in ("recomputed", "kept", "frozen", "excluded", "gone")} == {
+        "recomputed": FREES_NOTHING, "kept": ADDS_MEMORY, "frozen": "skipped",
+        "excluded": "skipped", "gone": FREES_NOTHING}
+    assert not any(decisions[w].sampled for w in ("recomputed", "kept", "frozen", "excluded", "gone"))
+    assert state.decisions == {}  # the input state is untouched
+
+
+def test_choose_ratios_declines_copies_that_outweigh_the_input():
+    sites = [_site(n, requested=0.5) for n in ("q", "k", "v")]
+    state = _state(sites, [InputGroup("h", ("q", "k", "v"), Size(100 * 32 * 4), FREES, "saved")])
+    decisions = choose_ratios(None, state).decisions
+    assert all(d.verdict == ADDS_MEMORY and not d.sampled for d in decisions.values())
+    assert decisions["q"].reason.startswith("3 compact copies outweigh")
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.mid, self.down = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.mid(self.norm(self.up(x)))))
+
+
+def _run(model, x, passes, **options):
+    states = []
+
+    def backend(gm, inputs):
+        states.append(run_passes(gm, CompileState(WTAConfig(inner="aot_eager", **options), tuple(inputs)),
+                                 passes))
+        return gm.forward
+
+    torch.compile(model, backend=backend)(x).sum().backward()
+    return states[0]
+
+
+def test_analysis_passes_give_names_and_bytes_and_leave_the_graph_alone():
+    state = _run(MLP(), torch.randn(64, 16), ANALYSIS_PASSES)
+    assert state.decisions == {}
+    groups = {g.weights: g for g in state.analysis.groups}
+    assert set(groups) == {("up.weight",), ("mid.weight",), ("down.weight",)}
+    assert all(isinstance(g.root, str) and g.verdict == FREES for g in groups.values())
+    assert groups[("mid.weight",)].input_bytes.traced == 64 * 32 * 4
+    # Nothing in the analysis holds on to graph nodes.
+    for value in dataclasses.astuple(state.analysis):
+        assert not isinstance(value, torch.fx.Node)
+
+
+def test_pipeline_order_and_one_signature():
+    assert [p.__name__ for p in PIPELINE] == ["find_linears", "analyze_savings", "choose_ratios",
+                                              "rewrite_sampled"]
+    state = _run(MLP(), torch.randn(64, 16), PIPELINE, keep_ratio=0.3)
+    assert state.ratios == {"up.weight": 0.3, "mid.weight": 0.3, "down.weight": 0.3}
+
+
+def _plan_json(**changes):
+    plan = Plan(mem_gb=1.0, fits=True, batch_size=2, seq_len=16, peak_bytes=10, baseline_peak_bytes=20,
+                activation_bytes=5, baseline_activation_bytes=15, max_batch_size=4,
+                baseline_max_batch_size=2, keep_ratios={"a.weight": 0.3}, breakdown={"parameters": 1},
+                layers=(LayerPlan("a.weight", 4, 4, 32, 100, 30, 0.3, ""),))
+    import json
+
+    data = json.loads(plan.to_json())
+    data.update(changes)
+    return plan, json.dumps(data)
+
+
+def test_plan_json_roundtrip_and_schema():
+    plan, text = _plan_json()
+    assert Plan.from_json(text) == plan and f'"schema": "{PLAN_SCHEMA}"' in text
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"schema": "wtacompile.plan/0"}, "schema"),
+    ({"fits": "false"}, "'fits'"),
+    ({"keep_ratios": {"a.weight": 1.5}}, r"keep_ratios\['a.weight'\]"),
+    ({"mem_gb": None}, "'mem_gb'"),
+    ({"surprise": 1}, "unknown field"),
+    ({"layers": [{"weight": "a"}]}, "missing field"),
+])
+def test_plan_json_rejects_edited_or_corrupted_files(changes, match):
+    _, text = _plan_json(**changes)
+    with pytest.raises(ValueError, match=match):
+        Plan.from_json(text)
+    with pytest.raises(ValueError, match="invalid JSON"):
+        Plan.from_json(text[:-5])

@@ -1,0 +1,172 @@
+"""Every dynamo / AOTAutograd / ShapeEnv internal that wtacompile relies on, in one place.
+
+A torch upgrade that renames one of these breaks this file and ``tests/test_compat.py``, nothing
+else. Each function documents the internal it reads and what it assumes of it.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+__all__ = [
+    "aot_trace",
+    "backed_values",
+    "dynamo_origin",
+    "is_storage_view",
+    "joint_parameter_inputs",
+    "parameter_placeholders",
+    "placeholder_source",
+    "primal_placeholders",
+    "source_parameter_name",
+    "size_hint",
+    "storage_root",
+]
+
+_ROOT = re.compile(r"^L\['[^']*'\]")
+_ITEM = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\[(\d+)\]|\[\'([^']*)\'\]")
+
+
+# --------------------------------------------------------------------------- dynamo graphs
+
+
+def placeholder_source(node: fx.Node) -> str | None:
+    """The source expression dynamo recorded for a placeholder, e.g.
+    ``L['self']._modules['h']._modules['0']._parameters['weight']``.
+
+    Reads ``node.meta["grapharg"].source.name`` (a property in older torch, a method in newer).
+    """
+    if node.op != "placeholder":
+        return None
+    grapharg = node.meta.get("grapharg")
+    if grapharg is None or grapharg.source is None:
+        return None
+    name = grapharg.source.name
+    return name() if callable(name) else name
+
+
+def source_parameter_name(source: str, *, buffers: bool = False) -> str | None:
+    """The FQN of the parameter (or, with ``buffers``, buffer) a dynamo source spells, else ``None``.
+
+    ``L['self']._modules['h']._modules['0']._parameters['weight']`` → ``h.0.weight``.
+    """
+    kinds = ("_parameters[", "_buffers[") if buffers else ("_parameters[",)
+    if not any(kind in source for kind in kinds):
+        return None
+    rest = _ROOT.sub("", source)
+    rest = _ITEM.sub(lambda m: "." + next(g for g in m.groups() if g is not None), rest)
+    return rest.lstrip(".")
+
+
+def size_hint(value: int | torch.SymInt) -> int:
+    """A concrete int for a possibly symbolic size: its hint under dynamic shapes.
+
+    ``ShapeEnv.optimization_hint`` is torch 2.13's name for the older ``size_hint``.
+    """
+    if isinstance(value, torch.SymInt):
+        env = value.node.shape_env
+        hint = getattr(env, "optimization_hint", None) or env.size_hint
+        return int(hint(value.node.expr))
+    return int(value)
+
+
+def backed_values(shape_env) -> dict:
+    """Traced values of the shape symbols (``backed_var_to_val``; ``var_to_val`` before 2.13)."""
+    values = getattr(shape_env, "backed_var_to_val", None)
+    return values if values is not None else shape_env.var_to_val
+
+
+# --------------------------------------------------------------------------- AOTAutograd
+
+
+def aot_trace(gm: fx.GraphModule, partition_fn, decompositions=None) -> None:
+    """Run ``gm`` through AOTAutograd once, calling ``partition_fn(joint, inputs, **kw)`` on its joint
+    graph; nothing is compiled and nothing is left behind for the real compile.
+
+    Example inputs are the placeholders' ``example_value`` s (dynamo's fake tensors); a fresh
+    ``TracingContext`` over their fake mode keeps this trace's guards and metadata separate.
+    """
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    example_inputs = [n.meta["example_value"] for n in gm.graph.find_nodes(op="placeholder")]
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+        aot_module_simplified(
+            gm, example_inputs, fw_compiler=boxed_nop, bw_compiler=boxed_nop,
+            partition_fn=partition_fn, decompositions=decompositions,
+        )
+
+
+def primal_placeholders(joint: fx.GraphModule) -> list[fx.Node]:
+    """The joint graph's forward inputs, in the dynamo graph's placeholder order.
+
+    AOTAutograd names them ``primals_1 … primals_n`` in the order of the module's inputs (the
+    tangents come after, named ``tangents_*``).
+    """
+    return [n for n in joint.graph.find_nodes(op="placeholder") if n.name.startswith("primals")]
+
+
+def dynamo_origin(node: fx.Node) -> str | None:
+    """The name of the dynamo-graph node a joint-graph node was traced from.
+
+    Reads ``node.meta["from_node"]``, the provenance chain AOTAutograd records (outermost first).
+    """
+    chain = node.meta.get("from_node")
+    return chain[0].name if chain else None
+
+
+def is_storage_view(node: fx.Node) -> bool:
+    """Whether a joint-graph node aliases its first argument's storage instead of owning one."""
+    target = node.target
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if target is operator.getitem:  # one output of split/unbind/chunk: a view of their input
+        return is_storage_view(node.args[0])
+    if target is torch.ops.aten._unsafe_view.default:  # aliases its input without view tracking
+        return True
+    return bool(getattr(target, "is_view", False)) or _view_ops().is_view(node)
+
+
+def storage_root(node: fx.Node) -> fx.Node:
+    """The node owning the storage that ``node`` views (``node`` itself if it owns one)."""
+    while is_storage_view(node):
+        node = node.args[0]
+    return node
+
+
+_OP_TYPES: Any = None
+
+
+def _view_ops():
+    global _OP_TYPES
+    if _OP_TYPES is None:
+        from torch._functorch.partitioners import get_default_op_list
+
+        _OP_TYPES = get_default_op_list()
+    return _OP_TYPES
+
+
+def parameter_placeholders(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, str, bool]]:
+    """(placeholder, FQN, is a parameter) for each dynamo placeholder that is a parameter or buffer."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        source = placeholder_source(node)
+        if source is None:
+            continue
+        name = source_parameter_name(source, buffers=True)
+        if name is not None:
+            yield node, name, source_parameter_name(source) is not None
+
+
+def joint_parameter_inputs(gm: fx.GraphModule, joint: fx.GraphModule) -> set[str]:
+    """Names of the joint graph's placeholders that are parameters or buffers of ``gm``."""
+    state = {node for node, _, _ in parameter_placeholders(gm)}
+    dynamo_inputs: Sequence[fx.Node] = gm.graph.find_nodes(op="placeholder")
+    return {
+        primal.name for dyn, primal in zip(dynamo_inputs, primal_placeholders(joint)) if dyn in state
+    }

@@ -1,0 +1,142 @@
+"""Read a partitioned joint graph as numbers: sizes, saved bytes, the backward's live bytes.
+
+Sizes are :class:`~wtacompile.memory_model.Size` s: exact as traced, and affine in the batch when
+the graph was traced with a symbolic batch dimension (a tensor's numel is linear in the batch:
+one dimension carries it), read off by evaluating the numel expression at ``b₀`` and ``b₀ + 1``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+
+from wtacompile._compat import backed_values, dynamo_origin, is_storage_view, size_hint, storage_root
+from wtacompile.memory_model import GraphMemory, Size
+from .partition_trace import PartitionTrace
+
+__all__ = ["Sizer", "graph_memory", "provenance_keys"]
+
+
+class Sizer:
+    """Bytes of joint-graph nodes as :class:`Size` s (cached: one symbolic evaluation per node)."""
+
+    def __init__(self, joint: fx.GraphModule, parameter_inputs: set[str]) -> None:
+        self._batch = _batch_symbol(joint, parameter_inputs)
+        self._cache: dict[fx.Node, Size] = {}
+
+    @property
+    def symbolic(self) -> bool:
+        return self._batch is not None
+
+    def __call__(self, node: fx.Node) -> Size:
+        if node not in self._cache:
+            self._cache[node] = self._size(node)
+        return self._cache[node]
+
+    def _size(self, node: fx.Node) -> Size:
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            return Size(0, 0 if self.symbolic else None)
+        itemsize = value.element_size()
+        numel = value.numel()
+        traced = size_hint(numel) * itemsize
+        if self._batch is None:
+            return Size(traced)
+        if not isinstance(numel, torch.SymInt):
+            return Size(traced, 0)
+        symbol, b0 = self._batch
+        expr = numel.node.expr.subs({symbol: b0 + 1})
+        if expr.free_symbols:  # other symbols (a dynamic sequence length) keep their traced values
+            hints = backed_values(numel.node.shape_env)
+            expr = expr.subs({s: hints[s] for s in expr.free_symbols if s in hints})
+        return Size(traced, int(expr) * itemsize - traced)
+
+
+def _batch_symbol(joint: fx.GraphModule, parameter_inputs: set[str]):
+    """(symbol, traced value) of a symbolic leading input dimension, if the trace has one."""
+    for node in joint.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if node.name in parameter_inputs or not isinstance(value, torch.Tensor) or not value.dim():
+            continue
+        if isinstance(value.shape[0], torch.SymInt):
+            free = value.shape[0].node.expr.free_symbols
+            if len(free) == 1:
+                symbol = next(iter(free))
+                return symbol, int(backed_values(value.shape[0].node.shape_env)[symbol])
+    return None
+
+
+def graph_memory(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer) -> GraphMemory:
+    """The dense partition's saved activations and backward live-bytes curve, parameters excluded."""
+    nodes = trace.joint_nodes
+    zero = Size(0, 0 if sizer.symbolic else None)
+    saved = zero
+    for name in sorted(trace.saved_roots - parameter_inputs):
+        if name in nodes:
+            saved = saved + sizer(nodes[name])
+    return GraphMemory(saved, _backward_live(trace, parameter_inputs, sizer, zero))
+
+
+def _backward_live(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer, zero: Size
+                   ) -> tuple[Size, ...]:
+    """Live bytes after each allocation while the backward graph runs.
+
+    Saved inputs and intermediates are freed after their last use (AOTAutograd's boxed calling
+    convention clears its argument list); the gradients it returns stay. Views own no storage.
+    Parameters, and saved views of them (a transposed weight), are not counted.
+    """
+    nodes = [n for n in trace.backward.graph.nodes if n.op != "output"]
+    position = {n: i for i, n in enumerate(nodes)}
+    forward_nodes = {n.name: n for n in trace.forward.graph.nodes}
+    excluded = set(parameter_inputs) | {
+        n.name for n in nodes if n.op == "placeholder" and n.name in forward_nodes
+        and storage_root(forward_nodes[n.name]).name in parameter_inputs
+    }
+    output = trace.backward.graph.find_nodes(op="output")[0]
+    returned = {storage_root(n) for n in output.all_input_nodes}
+    dies_after: dict[fx.Node, int] = {n: position[n] for n in nodes if storage_root(n) is n}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            base = storage_root(arg)
+            dies_after[base] = max(dies_after[base], position[node])
+    releases: dict[int, list[fx.Node]] = defaultdict(list)
+    for base, when in dies_after.items():
+        if base not in returned:
+            releases[when].append(base)
+
+    def counted(node: fx.Node) -> bool:
+        return isinstance(node.meta.get("val"), torch.Tensor) and node.name not in excluded
+
+    live, curve = zero, []
+    for i, node in enumerate(nodes):
+        if storage_root(node) is node and counted(node):
+            live = live + sizer(node)
+            curve.append(live)
+        for base in releases[i]:
+            if counted(base):
+                live = live - sizer(base)
+    return tuple(curve)
+
+
+def provenance_keys(joint: fx.GraphModule, renamed: dict[str, str]) -> dict[str, tuple]:
+    """A name-independent key per joint-graph tensor, equal across two traces of one dynamo graph.
+
+    Joint-graph names depend on how many aten ops came before, which differs once some linears
+    are rewritten; the dynamo node a tensor came from does not (``renamed`` maps a rewritten
+    node's name back to the original's). Among tensors from one dynamo node, (numel, dtype,
+    ordinal) tells them apart (a layer norm's output vs its statistics).
+    """
+    keys: dict[str, tuple] = {}
+    seen: dict[tuple, int] = defaultdict(int)
+    for node in joint.graph.nodes:
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or is_storage_view(node):
+            continue
+        source = node.name if node.op == "placeholder" else dynamo_origin(node)
+        source = renamed.get(source, source)
+        base = (source, size_hint(value.numel()), value.dtype)
+        keys[node.name] = (*base, seen[base])
+        seen[base] += 1
+    return keys

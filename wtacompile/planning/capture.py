@@ -1,0 +1,97 @@
+"""Capture a model's training graphs for planning, on fake parameters, and analyse each.
+
+Dynamo runs the model with every parameter and buffer swapped for a fake twin (same shape, dtype,
+requires_grad), so tracing allocates nothing and a model built on the meta device plans as well
+as a real one. Each training graph goes through the backend's own analysis passes
+(:data:`wtacompile.passes.ANALYSIS_PASSES`); the result is their :class:`CompileState` s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from wtacompile.config import WTAConfig
+from wtacompile.passes import ANALYSIS_PASSES, CompileState, run_passes
+
+__all__ = ["capture_analyses"]
+
+
+def capture_analyses(model: torch.nn.Module, example_inputs, config: WTAConfig,
+                     symbolic_batch: int | None) -> list[CompileState]:
+    """Analysed training graphs of ``model`` on ``example_inputs``, in forward order.
+
+    ``symbolic_batch``: the batch size to mark dynamic (one trace then serves every batch size;
+    it costs about twice the tracing time), or ``None`` for a static trace.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    states: list[CompileState] = []
+
+    def capture_backend(gm, inputs):
+        if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in inputs):
+            states.append(run_passes(gm, CompileState(config, tuple(inputs)), ANALYSIS_PASSES))
+        return gm.forward
+
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+
+    def realised(value):
+        # Inputs stay real (token ids are small): code that inspects them, such as Hugging
+        # Face's causal-mask shortcut, must take the path it takes in training.
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":
+            return torch.zeros(value.shape, dtype=value.dtype)
+        return value
+
+    if isinstance(example_inputs, Mapping):
+        args, kwargs = (), {k: realised(v) for k, v in example_inputs.items()}
+    else:
+        args, kwargs = tuple(realised(v) for v in example_inputs), {}
+    if symbolic_batch is not None:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == symbolic_batch:
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+    # Planning compiles with its own backend; start and end with clean caches so neither the
+    # user's compiled functions nor this capture see the other's entries.
+    torch._dynamo.reset()
+    try:
+        with _fake_parameters(model, fake_mode), torch.enable_grad(), fake_mode:
+            torch.compile(model, backend=capture_backend, dynamic=None)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    if not states:
+        raise ValueError("plan(): the model produced no training graph (nothing requires grad?)")
+    return states
+
+
+def _twin_device(t: torch.Tensor) -> torch.device:
+    # Meta tensors trace badly through autograd (e.g. nll_loss loses its derivative on the meta
+    # device), so meta-built models are planned as if on the CPU: fake tensors allocate nothing.
+    return torch.device("cpu") if t.device.type == "meta" else t.device
+
+
+def _fake_twin(t: torch.Tensor, fake_mode) -> torch.Tensor:
+    with fake_mode:
+        twin = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=_twin_device(t))
+    if isinstance(t, torch.nn.Parameter):
+        return torch.nn.Parameter(twin, requires_grad=t.requires_grad)
+    return twin.requires_grad_(t.requires_grad) if t.is_floating_point() else twin
+
+
+@contextlib.contextmanager
+def _fake_parameters(model: torch.nn.Module, fake_mode) -> Iterator[None]:
+    """Swap every parameter and buffer for a fake twin for the duration; put the originals back."""
+    swapped = []
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in list(store.items()):
+                if tensor is not None:
+                    swapped.append((store, name, tensor))
+                    store[name] = _fake_twin(tensor, fake_mode)
+    try:
+        yield
+    finally:
+        for store, name, tensor in swapped:
+            store[name] = tensor

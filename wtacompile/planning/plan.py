@@ -1,0 +1,159 @@
+"""``plan()``: capture and analyse the model, build the memory model, solve, and report.
+
+The memory model is :mod:`wtacompile.memory_model` (documented there), fed by the backend's own
+analysis of each captured graph; the ratios come from :func:`wtacompile.solver.solve`. Sizes are
+exact at the traced batch. When searching for the largest batch the graphs are traced once with
+a symbolic batch dimension and evaluated at any batch; for a fixed ``batch_size`` the max-batch
+figures assume proportional scaling from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from wtacompile.config import WTAConfig
+from wtacompile.estimator import DEFAULT_MIN_ROWS
+from wtacompile.memory_model import MemoryModel, parameter_bytes
+from wtacompile.passes import CompileState
+from wtacompile.sites import FREES
+from wtacompile.solver import DEFAULT_MENU, Solution, solve
+from .capture import capture_analyses
+from .inputs import default_example_inputs
+from wtacompile.plan_result import LayerPlan, Plan
+
+__all__ = ["plan"]
+
+
+def plan(
+    model: torch.nn.Module,
+    mem_gb: float,
+    *,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    example_inputs: Mapping[str, Any] | tuple | None = None,
+    optimizer: str = "adamw",
+    menu: tuple[float, ...] = DEFAULT_MENU,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    min_rows: int = DEFAULT_MIN_ROWS,
+    inner: str = "inductor",
+    max_batch: int = 1 << 16,
+) -> Plan:
+    """Plan keep ratios so predicted peak memory fits ``mem_gb`` at the least gradient variance.
+
+    Works on a model built on the meta device (nothing is allocated) and on a real one (its
+    parameters and buffers are swapped for fake twins while it is traced, then put back).
+    ``example_inputs`` (keyword dict or positional tuple) fixes the batch; otherwise inputs come
+    from the model's config at ``batch_size`` × ``seq_len``. With ``batch_size=None`` the plan is
+    for the largest batch that fits with sampling. A budget that cannot be met gives a plan with
+    ``fits=False`` and advice.
+    """
+    if not mem_gb or mem_gb <= 0:
+        raise ValueError(f"mem_gb must be a positive number of GB, got {mem_gb!r}")
+    config = WTAConfig(keep_ratio=0.3, min_rows=min_rows, include=tuple(include),
+                       exclude=tuple(exclude), inner=inner, optimizer=optimizer)
+    budget = int(mem_gb * 1e9)
+    if example_inputs is not None:
+        first = next(iter(example_inputs.values() if isinstance(example_inputs, Mapping) else example_inputs))
+        trace_batch = int(first.shape[0])
+        if batch_size is not None and batch_size != trace_batch:
+            raise ValueError(f"batch_size={batch_size} but example_inputs have batch {trace_batch}")
+        batch_size, inputs = trace_batch, example_inputs
+    else:
+        trace_batch = batch_size or 2  # 2: batch sizes 0 and 1 are never symbolic
+        inputs = default_example_inputs(model, trace_batch, seq_len)
+    search = batch_size is None
+    states = capture_analyses(model, inputs, config, trace_batch if search else None)
+    mm = MemoryModel(
+        *parameter_bytes(model.parameters(), optimizer),
+        graphs=tuple(s.analysis.memory for s in states),
+        inputs=tuple(i for gi, s in enumerate(states)
+                     for i in s.analysis.sampleable_inputs(s.sites, prefix=f"{gi}:")),
+        trace_batch=trace_batch,
+        min_rows=min_rows,
+    )
+
+    def solve_at(batch: int) -> Solution:
+        return solve(mm.choices_at(batch, menu), budget - mm.fixed_at(batch))
+
+    baseline_max = _largest(lambda b: mm.peak(b) <= budget, max_batch)
+    sampled_max = _largest(lambda b: solve_at(b).feasible and mm.step_peak() <= budget, max_batch)
+    batch = batch_size if batch_size is not None else max(sampled_max, 1)
+    solution = solve_at(batch)
+    peak = mm.peak(batch, solution.ratios)
+    fits = solution.feasible and peak <= budget
+    need = max(mm.fixed_at(batch) + solution.min_bytes, mm.step_peak())
+    activations = mm.planned_activations(batch, solution.ratios)
+    return Plan(
+        mem_gb=mem_gb, fits=fits, batch_size=batch, seq_len=seq_len, peak_bytes=peak,
+        baseline_peak_bytes=mm.peak(batch), activation_bytes=activations,
+        baseline_activation_bytes=mm.activations(batch), max_batch_size=sampled_max,
+        baseline_max_batch_size=baseline_max, keep_ratios=_keep_ratios(mm, solution),
+        breakdown={
+            "parameters": mm.parameters, "gradients": mm.gradients, "optimizer": mm.optimizer,
+            "activations": activations, "transient": mm.transient(batch),
+            "baseline_activations": mm.activations(batch), "step_temporaries": mm.step_temporaries,
+        },
+        layers=_layers(mm, states, solution, batch),
+        optimizer=optimizer,
+        advice="" if fits else _advice(mm, budget, batch, need, sampled_max, menu),
+        min_peak_bytes=need,
+    )
+
+
+def _keep_ratios(mm: MemoryModel, solution: Solution) -> dict[str, float]:
+    return {r.weight: solution.ratios[i.key] for i in mm.inputs for r in i.readers
+            if solution.ratios[i.key] < 1.0}
+
+
+def _layers(mm: MemoryModel, states: list[CompileState], solution: Solution, batch: int
+            ) -> tuple[LayerPlan, ...]:
+    """One row per candidate linear: the sampleable ones with their ratio, then the others."""
+    scale = batch / mm.trace_batch
+    layers = []
+    for i in mm.inputs:
+        ratio = solution.ratios[i.key]
+        dense = i.bytes_at(batch, mm.trace_batch)
+        kept = dense if ratio == 1.0 else i.compact_bytes_at(ratio, batch, mm.trace_batch, mm.min_rows)
+        reason = "budget met without sampling it" if ratio == 1.0 else ""
+        for r in i.readers:
+            layers.append(LayerPlan(r.weight, r.in_features, r.out_features, round(r.rows * scale),
+                                    dense // len(i.readers), kept // len(i.readers), ratio, reason))
+    for state in states:
+        sites = {s.weight: s for s in state.sites}
+        for group in state.analysis.groups:
+            if group.verdict != FREES:
+                for w in group.weights:
+                    s = sites[w]
+                    layers.append(LayerPlan(w, s.in_features, s.out_features, round(s.rows * scale),
+                                            0, 0, 1.0, group.reason))
+    return tuple(layers)
+
+
+def _advice(mm: MemoryModel, budget: int, batch: int, need: int, sampled_max: int, menu) -> str:
+    if mm.step_peak() > budget:
+        hint = (f"LoRA, frozen layers or lower-precision weights (parameters, gradients and "
+                f"optimizer state alone need {mm.step_peak() / 1e9:.1f} GB)")
+    elif sampled_max >= 1:
+        hint = f"a batch of at most {sampled_max}"
+    else:
+        hint = "shorter sequences, activation checkpointing or a larger budget"
+    return (f"Does not fit: batch {batch} needs at least {need / 1e9:.1f} GB even at "
+            f"the smallest keep ratio {min(menu)}; try {hint}.")
+
+
+def _largest(fits, limit: int) -> int:
+    """The largest batch in [1, limit] for which ``fits`` holds (0 if none); fits is monotone."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
