@@ -23,12 +23,13 @@ from .analyze_savings import analyze_savings
 from .choose_ratios import choose_ratios
 from .compile_state import CompileState, GraphPass
 from .find_linears import find_linears
-from .rewrite_sampled import rewrite_sampled, rewrite_sites
+from .rewrite_sampled import Rewritten, rewrite_sampled, rewrite_sites
 
 __all__ = [
     "ANALYSIS_PASSES",
     "PIPELINE",
     "CompileState",
+    "Rewritten",
     "GraphPass",
     "analyze_savings",
     "choose_ratios",

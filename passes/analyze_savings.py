@@ -7,17 +7,17 @@ a tensor or recompute it from another one it keeps anyway. Those facts live in t
 joint graph and the partitioner's choice of saved tensors, not in the model code.
 
 How: trace the graph through AOTAutograd twice, with the same decompositions and min-cut
-partitioner the inner compiler uses: once as it is (dense) and once with every eligible site
-(trainable weight, allowed by include/exclude, ratio < 1) rewritten to the sampled op. For each
-site with input ``x``, resolved through views to its storage root ``R``:
+partitioner the inner compiler uses: once as it is (dense) and once with every candidate
+(trainable weight, allowed by include/exclude, ratio < 1) sampled, one sample per input. For each
+sampled input, resolved through views to its storage root ``R``:
 
-* ``R`` is still saved, or recomputed in backward, in the sampled trace → another backward needs
-  the full input: ``adds-memory`` (sampling would only add the compact copy); left dense.
-* ``R`` is not saved by the dense trace either (the partitioner recomputes it from something it
-  keeps anyway, e.g. a GELU output from its input) → ``frees-nothing``; left dense.
-* otherwise → ``frees``: sampling releases ``bytes(R)`` minus the compact rows of every site
-  reading it. Sites sharing one root (q/k/v) are decided together, and a group whose compact
-  copies would outweigh the root (three siblings at ratio 0.5) is ``adds-memory``.
+* ``R`` is still saved, or recomputed in backward, in the sampled trace (another op's backward
+  needs it), or the dense trace does not save it either (the partitioner recomputes it from
+  something it keeps anyway, e.g. a GELU output from its input): sampling frees no memory. If the
+  partitioner then also saves the compact rows, sampling would add them: ``adds-memory``. If it
+  recomputes them from ``R`` in backward (a gather is cheap): ``frees-nothing`` — memory is
+  unchanged and the weight-gradient GEMMs run on ``k`` rows instead of ``N``.
+* otherwise → ``frees``: sampling releases ``bytes(R)`` minus the compact rows.
 
 The two traces name their nodes differently, so tensors are matched by provenance: the dynamo
 node they came from plus numel, dtype and ordinal
@@ -32,7 +32,6 @@ compact copies against the input at the chosen ratio is the policy's job
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 
 import torch
 import torch.fx as fx
@@ -41,8 +40,9 @@ from wtacompile._compat import dynamo_origin, joint_parameter_inputs, storage_ro
 from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys
 from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, trace_partition
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, InputGroup, LinearSite, SavingsAnalysis
+from wtacompile.lower import expose_samples
 from .compile_state import CompileState
-from .rewrite_sampled import rewrite_sites
+from .rewrite_sampled import Rewritten, rewrite_sites
 
 __all__ = ["analyze_savings"]
 
@@ -58,43 +58,53 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
         return dataclasses.replace(state, analysis=SavingsAnalysis((), (), memory))
 
     trial = copy_module(gm)
-    replaced = rewrite_sites(trial, candidates, {s.weight: s.requested_ratio for s in candidates}, config)
+    rewritten = rewrite_sites(trial, candidates, {s.weight: s.requested_ratio for s in candidates}, config)
+    expose_samples(trial)  # as the real compile will: the draw stays in forward
     sampled = trace_partition(trial, config)
-    groups = _group_by_input(dense, sampled, replaced, Sizer(sampled.joint, parameters))
+    groups = _group_by_input(dense, sampled, rewritten, Sizer(sampled.joint, parameters))
     grouped = {w for group in groups for w in group.weights}
     untraced = tuple(s.weight for s in candidates if s.weight not in grouped)
     return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory))
 
 
-def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, replaced: dict[str, LinearSite],
+def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: Rewritten,
                     sizer: Sizer) -> tuple[InputGroup, ...]:
-    renamed = {name: site.node for name, site in replaced.items()}
+    samples = rewritten.samples
     dense_keys = provenance_keys(dense.joint, {})
     dense_saved = {dense_keys[name] for name in dense.saved_roots if name in dense_keys}
-    keys = provenance_keys(sampled.joint, renamed)
-
-    readers: dict[str, list[str]] = defaultdict(list)
-    roots: dict[str, fx.Node] = {}
-    target = torch.ops.wtacompile.sampled_linear.default
-    for node in sampled.joint.graph.find_nodes(op="call_function", target=target):
-        site = replaced.get(dynamo_origin(node))
-        if site is None:
+    keys = provenance_keys(sampled.joint, rewritten.renamed)
+    saved = [sampled.joint_nodes[name] for name in sampled.saved_roots if name in sampled.joint_nodes]
+    groups = []
+    for node in sampled.joint.graph.find_nodes(op="call_function", target=torch.ops.wtacompile.sample_rows.default):
+        origin = dynamo_origin(node)
+        if origin not in samples:
             continue
-        root = storage_root(node.args[0])
-        readers[root.name].append(site.weight)
-        roots[root.name] = root
-    return tuple(
-        InputGroup(name, tuple(weights), sizer(roots[name]),
-                   *_verdict(sampled, name, keys.get(name) in dense_saved))
-        for name, weights in readers.items()
-    )
+        root = _sampled_input(node, origin)
+        compact_saved = any(dynamo_origin(n) == origin and n.meta["val"].dim() == 2 for n in saved)
+        verdict, reason = _verdict(sampled, root.name, keys.get(root.name) in dense_saved, compact_saved)
+        groups.append(InputGroup(root.name, tuple(s.weight for s in samples[origin]), sizer(root),
+                                 verdict, reason))
+    return tuple(groups)
 
 
-def _verdict(trace: PartitionTrace, root: str, dense_saves_it: bool) -> tuple[str, str]:
-    if root in trace.saved_roots:
-        return ADDS_MEMORY, "full input stays saved for another op's backward"
-    if root in trace.recomputed:
-        return ADDS_MEMORY, "full input is recomputed for another op's backward"
+def _sampled_input(node: fx.Node, origin: str) -> fx.Node:
+    """The storage a ``sample_rows`` node samples: up its argument chain (the reshape/detach the
+    sampling call itself traced) to the first tensor from elsewhere."""
+    x = node.args[0]
+    while dynamo_origin(x) == origin and x.op == "call_function" and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
+    return storage_root(x)
+
+
+def _verdict(trace: PartitionTrace, root: str, dense_saves_it: bool, compact_saved: bool
+             ) -> tuple[str, str]:
+    if root in trace.saved_roots or root in trace.recomputed:
+        where = "stays saved" if root in trace.saved_roots else "is recomputed"
+        if compact_saved:
+            return ADDS_MEMORY, f"full input {where} for another op's backward; the rows would add"
+        return FREES_NOTHING, f"full input {where} for another op's backward"
     if not dense_saves_it:
+        if compact_saved:
+            return ADDS_MEMORY, "dense training recomputes this input; the rows would add"
         return FREES_NOTHING, "dense training does not save this input either (recomputes it)"
-    return FREES, "input saved only for this weight gradient"
+    return FREES, "input saved only for the weight gradients"

@@ -8,8 +8,12 @@ how much to sample is a choice with three sources, and this is the one place tha
   (:mod:`wtacompile.solver`) pick a ratio per input so that predicted peak memory fits, at the
   least gradient variance, exact where it fits.
 
-Either way a site is sampled only if its group's verdict is ``frees`` and the compact copies of
-every linear reading the input weigh less than the input: ``freed = bytes(input) − Σ compact``.
+Linears reading one input share one sample, at the largest ratio asked of any of them. A group
+is sampled where its verdict is ``frees`` and its compact copy weighs less than the input
+(``freed = bytes(input) − compact``), and — with a fixed ratio only — where it is
+``frees-nothing`` but its linears are wide enough (``Σ out ≥`` :data:`MIN_OUTPUTS_FOR_SPEED`) that
+weight-gradient GEMMs on ``k`` of ``N`` rows save more time than the sampling costs. Under
+``mem_gb`` only memory counts: a budget dense training fits stays exact.
 
 Returns the state with ``decisions``: one :class:`~wtacompile.sites.SiteDecision` per site.
 """
@@ -26,7 +30,11 @@ from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, SKIPPED, InputGr
 from wtacompile.solver import DEFAULT_MENU, solve
 from .compile_state import CompileState
 
-__all__ = ["choose_ratios"]
+__all__ = ["MIN_OUTPUTS_FOR_SPEED", "choose_ratios"]
+
+#: Σ out_features of the linears sharing an input below which sampling it only for speed does not
+#: pay: the draw (row norms, selection, gather) costs about as much as a GEMM this narrow saves.
+MIN_OUTPUTS_FOR_SPEED = 64
 
 # Bytes each graph compiled under a mem_gb budget commits, per config fingerprint and keyed by
 # the graph's parameters (a recompile of the same graph replaces its entry rather than adding):
@@ -47,9 +55,8 @@ def choose_ratios(gm, state: CompileState) -> CompileState:
     group_ratio = _budget_ratios(state) if state.config.mem_gb is not None else {}
     ratios = {w: sites[w].requested_ratio for g in analysis.groups for w in g.weights}
     if state.config.mem_gb is not None:
-        # The solver decides the inputs sampling frees; the others keep their verdicts.
-        ratios.update({w: group_ratio.get(g.root, 1.0) for g in analysis.groups if g.verdict == FREES
-                       for w in g.weights})
+        # The solver decides the inputs sampling frees; the others stay exact.
+        ratios.update({w: group_ratio.get(g.root, 1.0) for g in analysis.groups for w in g.weights})
     for group in analysis.groups:
         decisions.update(_decide_group(group, [sites[w] for w in group.weights], ratios,
                                        state.config.min_rows))
@@ -59,21 +66,27 @@ def choose_ratios(gm, state: CompileState) -> CompileState:
 
 def _decide_group(group: InputGroup, sites: list[LinearSite], ratios: dict[str, float],
                   min_rows: int) -> dict[str, SiteDecision]:
-    if all(ratios[s.weight] >= 1.0 for s in sites):
+    ratio = max(ratios[s.weight] for s in sites)  # one sample per input, at the largest ratio asked
+    shared = f" (input shared by {len(sites)} linears)" if len(sites) > 1 else ""
+    if ratio >= 1.0:
         reason = "exact: the memory budget is met without sampling it"
         return {s.weight: SiteDecision(False, None, SKIPPED, reason, input_root=group.root) for s in sites}
-    compact = sum(compact_bytes(s.rows, s.in_features, s.itemsize, ratios[s.weight], min_rows)
-                  for s in sites)
-    freed = group.input_bytes.traced - compact
-    verdict, reason = group.verdict, group.reason
-    if verdict == FREES and freed <= 0:
-        verdict, reason = ADDS_MEMORY, f"{len(sites)} compact copies outweigh the input they replace"
-    if len(sites) > 1:
-        reason += f" (input shared by {len(sites)} linears)"
-    sampled = verdict == FREES
+    first = sites[0]
+    freed = group.input_bytes.traced - compact_bytes(first.rows, first.in_features, first.itemsize,
+                                                     ratio, min_rows)
+    verdict, reason, sampled = group.verdict, group.reason, False
+    if verdict == FREES:
+        sampled = freed > 0
+        if not sampled:
+            verdict, reason = ADDS_MEMORY, "the compact rows would outweigh the input they replace"
+    elif verdict == FREES_NOTHING:
+        # Memory-neutral: worth it only where the weight-gradient GEMMs dwarf the sampling work.
+        sampled = sum(s.out_features for s in sites) >= MIN_OUTPUTS_FOR_SPEED
+        reason += ("; sampled for cheaper weight gradients" if sampled
+                   else f"; too narrow to pay for sampling (< {MIN_OUTPUTS_FOR_SPEED} outputs)")
     return {
-        s.weight: SiteDecision(sampled, ratios[s.weight] if sampled else None, verdict, reason,
-                               freed // len(sites) if sampled else 0, group.root)
+        s.weight: SiteDecision(sampled, ratio if sampled else None, verdict, reason + shared,
+                               freed // len(sites) if sampled and verdict == FREES else 0, group.root)
         for s in sites
     }
 

@@ -1,30 +1,48 @@
-"""Rewrite the chosen linear-like nodes into the sampled-save linear.
+"""Rewrite the chosen linear-like nodes into sampled-gradient linears, one sample per input.
 
-Why: this is where memory is actually saved. Each site the decisions sample becomes
-``wtacompile.sampled_linear(x, W, b, keep_ratio=r, ...)``; addmm/matmul forms with an ``(in, out)``
-weight get an explicit ``W.t()`` so every rewritten node has the ``F.linear`` layout. The forward
-value is unchanged (same shapes, same kernel), so the node's ``example_value`` and provenance
-meta carry over as they are.
+Why: this is where memory is actually saved. For every input ``x`` that chosen linears read
+(q/k/v read one; most linears are alone) the graph gets one draw::
 
-Only the dynamo-level graph is touched. AOTAutograd then traces the op's registered autograd
-formula into the joint graph, and the partitioner sees that backward needs only the compact rows
-and indices, not ``x``.
+    sample = wtacompile.ops.sample_input(x, keep_ratio, method, min_rows)   # (index, x_saved)
+
+and each of those linears becomes ``linear_with_sampled_grad(x, W, b, index, x_saved)``: the same
+forward matmul, whose weight gradient reads the shared compact rows. Sharing matters: three
+linears each with their own copy at keep 0.3 would keep 0.9 of an input they share; one copy
+keeps 0.3. Linears sharing an input are sampled at the largest ratio asked of any of them.
+addmm/matmul forms with an ``(in, out)`` weight get an explicit ``W.t()`` so every rewritten node
+has the ``F.linear`` layout; the forward value is unchanged, so the node's meta carries over.
+
+Only the dynamo-level graph is touched. AOTAutograd traces the sampling op and the autograd
+function into the joint graph; the partitioner sees that backward needs the compact rows and
+indices, not ``x``.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from wtacompile.config import WTAConfig
-from wtacompile.ops import sampled_linear
+from wtacompile.ops import linear_with_sampled_grad, sample_input
 from wtacompile.sites import LinearSite
 from .compile_state import CompileState
 from .find_linears import is_transpose
 
-__all__ = ["rewrite_sampled", "rewrite_sites"]
+__all__ = ["Rewritten", "rewrite_sampled", "rewrite_sites"]
+
+_SOURCE_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    """What :func:`rewrite_sites` did, by node name."""
+
+    samples: dict[str, tuple[LinearSite, ...]]  # sample_input node -> the sites reading it
+    renamed: dict[str, str]  # rewritten linear's new node -> the node it replaced
 
 
 def rewrite_sampled(gm: fx.GraphModule, state: CompileState) -> CompileState:
@@ -34,33 +52,44 @@ def rewrite_sampled(gm: fx.GraphModule, state: CompileState) -> CompileState:
 
 
 def rewrite_sites(gm: fx.GraphModule, sites: Iterable[LinearSite], ratios: Mapping[str, float],
-                  config: WTAConfig) -> dict[str, LinearSite]:
-    """Replace each site whose weight has a ratio in ``ratios`` with :func:`sampled_linear`.
-
-    Returns ``{name of the new node: site}`` (the rewrite gives the nodes new names).
-    """
+                  config: WTAConfig) -> Rewritten:
+    """Rewrite each site whose weight has a ratio in ``ratios``, one sample per input node."""
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
-    replaced: dict[str, LinearSite] = {}
+    readers: dict[fx.Node, list[tuple[LinearSite, fx.Node]]] = {}
     for site in sites:
-        if site.weight not in ratios:
-            continue
-        node = nodes[site.node]
-        x, weight, bias = _linear_operands(node, site)
-        with graph.inserting_before(node):
-            weight = _to_out_in(graph, weight, site.weight_layout)
-            replacement = graph.call_function(
-                sampled_linear,
-                (x, weight, bias),
-                {"keep_ratio": ratios[site.weight], "method": config.method, "min_rows": config.min_rows},
-            )
-        replacement.meta.update(node.meta)
-        node.replace_all_uses_with(replacement)
-        graph.erase_node(node)
-        replaced[replacement.name] = site
+        if site.weight in ratios:
+            node = nodes[site.node]
+            readers.setdefault(_linear_operands(node, site)[0], []).append((site, node))
+    samples: dict[str, tuple[LinearSite, ...]] = {}
+    renamed: dict[str, str] = {}
+    replaced_by: dict[fx.Node, fx.Node] = {}
+    for x, members in readers.items():  # in graph order: a rewritten linear feeding x comes first
+        x = replaced_by.get(x, x)
+        ratio = max(ratios[site.weight] for site, _ in members)
+        with graph.inserting_before(members[0][1]):  # x precedes every linear reading it
+            sample = graph.call_function(sample_input, (x, ratio, config.method, config.min_rows))
+            index = graph.call_function(operator.getitem, (sample, 0))
+            x_saved = graph.call_function(operator.getitem, (sample, 1))
+        # Where in the model the draw comes from (the first linear reading x). It also makes
+        # AOTAutograd record provenance (from_node) for what it traces from these nodes.
+        for new in (sample, index, x_saved):
+            new.meta.update({key: members[0][1].meta[key] for key in _SOURCE_META if key in members[0][1].meta})
+            new.meta["wtacompile"] = "row sample"
+        for site, node in members:
+            _, weight, bias = _linear_operands(node, site)
+            with graph.inserting_before(node):
+                weight = _to_out_in(graph, weight, site.weight_layout)
+                replacement = graph.call_function(linear_with_sampled_grad, (x, weight, bias, index, x_saved))
+            replacement.meta.update(node.meta)
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+            renamed[replacement.name] = site.node
+            replaced_by[node] = replacement
+        samples[sample.name] = tuple(site for site, _ in members)
     graph.lint()
     gm.recompile()
-    return replaced
+    return Rewritten(samples, renamed)
 
 
 def _linear_operands(node: fx.Node, site: LinearSite):

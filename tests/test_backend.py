@@ -100,7 +100,7 @@ def test_decisions_and_report():
     }
     assert sites["mid.weight"].input_bytes == 4 * 64 * 32 * 4
     for s in report.sites:
-        assert s.reason == "input saved only for this weight gradient"
+        assert s.reason == "input saved only for the weight gradients"
         kept = 77 * s.in_features * 4 + 77 * 8  # k = ceil(0.3 * 256) rows and their indices
         assert s.freed_bytes == s.input_bytes - kept
     assert "mid.weight" in str(report)

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import wtacompile
 from wtacompile import WTAConfig, _compat
 from wtacompile.analysis.partition_trace import trace_partition
+from wtacompile.ops import linear_with_sampled_grad
 from wtacompile.passes import CompileState, find_linears, rewrite_sites
 
 
@@ -100,12 +100,14 @@ def test_rewrite_puts_every_weight_in_linear_layout_and_keeps_forward_exact():
         gm, _graph_args(gm, model, x), find_linears(gm, CompileState(WTAConfig())).sites))
     expected = gm(*args)
     candidates = [s for s in sites if s.skip_reason is None]
-    replaced = rewrite_sites(gm, candidates, {s.weight: 0.5 for s in candidates}, WTAConfig())
-    assert sorted(site.weight for site in replaced.values()) == sorted(s.weight for s in candidates)
-    calls = [n for n in gm.graph.nodes if n.target is wtacompile.sampled_linear]
-    assert len(calls) == len(candidates)
+    rewritten = rewrite_sites(gm, candidates, {s.weight: 0.5 for s in candidates}, WTAConfig())
+    # One sample per input node: everything reads h but blocks.0 (reads x) and blocks.1.
+    assert sorted(len(readers) for readers in rewritten.samples.values()) == [1, 1, 5]
+    calls = [n for n in gm.graph.nodes if n.target is linear_with_sampled_grad]
+    assert sorted(rewritten.renamed[n.name] for n in calls) == sorted(s.node for s in candidates)
+    by_node = {s.node: s for s in candidates}
     for node in calls:
-        site = replaced[node.name]
+        site = by_node[rewritten.renamed[node.name]]
         weight = node.args[1].meta["example_value"]
         assert tuple(weight.shape) == (site.out_features, site.in_features), site.weight
     out = gm(*args)

@@ -66,11 +66,14 @@ def test_sampled_weight_grad(n, d, k, n_out):
 @pytest.mark.interpreter
 def test_sampled_linear_end_to_end_on_kernels():
     """The op's forward and backward on the kernels equal the references for the rows it chose."""
+    from wtacompile.ops import linear_with_sampled_grad, sample_input
+
     torch.manual_seed(0)
     x = torch.randn(3, 37, 24, device=DEVICE, requires_grad=True)
     w = torch.randn(10, 24, device=DEVICE, requires_grad=True)
     b = torch.randn(10, device=DEVICE, requires_grad=True)
-    out, x_saved, index = torch.ops.wtacompile.sampled_linear(x, w, b, 0.3, "wtacrs", 10)
+    index, x_saved = sample_input(x, 0.3)
+    out = linear_with_sampled_grad(x, w, b, index, x_saved)
     assert torch.equal(out, torch.nn.functional.linear(x, w, b))
     assert x_saved.shape == (34, 24) and index.shape == (34,)  # k = ceil(0.3 * 111)
     grad_out = torch.randn_like(out)

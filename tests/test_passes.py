@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from wtacompile import Plan, WTAConfig
 from wtacompile.memory_model import GraphMemory, Size, compact_bytes
 from wtacompile.passes import ANALYSIS_PASSES, PIPELINE, CompileState, choose_ratios, run_passes
+from wtacompile.passes.choose_ratios import MIN_OUTPUTS_FOR_SPEED
 from wtacompile.plan_result import PLAN_SCHEMA, LayerPlan
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, InputGroup, LinearSite, SavingsAnalysis
 
@@ -29,40 +30,52 @@ def _state(sites, groups, untraced=(), **config):
 def test_choose_ratios_from_values():
     q, k, v = _site("q"), _site("k"), _site("v")
     alone = _site("alone", requested=0.1)
-    recomputed, kept = _site("recomputed"), _site("kept")
+    narrow, wide = _site("narrow"), _site("wide")
+    wide = dataclasses.replace(wide, out_features=MIN_OUTPUTS_FOR_SPEED)
+    kept = _site("kept")
     frozen, excluded = _site("frozen", trainable=False), _site("excluded", requested=None)
     gone = _site("gone")
-    qkv_bytes = 100 * 32 * 4
+    input_bytes = 100 * 32 * 4
     state = _state(
-        [q, k, v, alone, recomputed, kept, frozen, excluded, gone],
-        [InputGroup("h", ("q", "k", "v"), Size(qkv_bytes), FREES, "input saved only for this weight gradient"),
-         InputGroup("a", ("alone",), Size(qkv_bytes), FREES, "input saved only for this weight gradient"),
-         InputGroup("r", ("recomputed",), Size(qkv_bytes), FREES_NOTHING, "recomputed"),
-         InputGroup("s", ("kept",), Size(qkv_bytes), ADDS_MEMORY, "kept for another backward")],
+        [q, k, v, alone, narrow, wide, kept, frozen, excluded, gone],
+        [InputGroup("h", ("q", "k", "v"), Size(input_bytes), FREES, "saved only for them"),
+         InputGroup("a", ("alone",), Size(input_bytes), FREES, "saved only for it"),
+         InputGroup("n", ("narrow",), Size(input_bytes), FREES_NOTHING, "recomputed"),
+         InputGroup("w", ("wide",), Size(input_bytes), FREES_NOTHING, "recomputed"),
+         InputGroup("s", ("kept",), Size(input_bytes), ADDS_MEMORY, "kept for another backward")],
         untraced=("gone",),
     )
     decisions = choose_ratios(None, state).decisions
-    assert list(decisions) == ["q", "k", "v", "alone", "recomputed", "kept", "frozen", "excluded", "gone"]
-    # Three compact copies at 0.3 (30 rows each) weigh less than the shared input (100 rows).
-    per_copy = compact_bytes(100, 32, 4, 0.3, 10)
-    assert decisions["q"].sampled and decisions["q"].keep_ratio == 0.3
-    assert decisions["q"].freed_bytes == (qkv_bytes - 3 * per_copy) // 3
-    assert decisions["q"].reason.endswith("(input shared by 3 linears)")
+    assert list(decisions) == ["q", "k", "v", "alone", "narrow", "wide", "kept", "frozen", "excluded", "gone"]
+    # q/k/v share one compact copy of 30 of the 100 rows.
+    freed = input_bytes - compact_bytes(100, 32, 4, 0.3, 10)
+    assert [(decisions[w].sampled, decisions[w].keep_ratio, decisions[w].freed_bytes) for w in "qkv"] == [
+        (True, 0.3, freed // 3)] * 3
+    assert decisions["q"].reason == "saved only for them (input shared by 3 linears)"
     assert decisions["alone"].keep_ratio == 0.1
-    assert decisions["alone"].freed_bytes == qkv_bytes - compact_bytes(100, 32, 4, 0.1, 10)
-    assert {w: decisions[w].verdict for w in ("recomputed", "kept", "frozen", "excluded", "gone")} == {
-        "recomputed": FREES_NOTHING, "kept": ADDS_MEMORY, "frozen": "skipped",
+    assert decisions["alone"].freed_bytes == input_bytes - compact_bytes(100, 32, 4, 0.1, 10)
+    # Memory-neutral inputs are sampled only where the GEMMs are wide enough to pay.
+    assert (decisions["wide"].sampled, decisions["wide"].freed_bytes) == (True, 0)
+    assert not decisions["narrow"].sampled and "too narrow" in decisions["narrow"].reason
+    assert {w: decisions[w].verdict for w in ("narrow", "wide", "kept", "frozen", "excluded", "gone")} == {
+        "narrow": FREES_NOTHING, "wide": FREES_NOTHING, "kept": ADDS_MEMORY, "frozen": "skipped",
         "excluded": "skipped", "gone": FREES_NOTHING}
-    assert not any(decisions[w].sampled for w in ("recomputed", "kept", "frozen", "excluded", "gone"))
+    assert not any(decisions[w].sampled for w in ("kept", "frozen", "excluded", "gone"))
     assert state.decisions == {}  # the input state is untouched
 
 
-def test_choose_ratios_declines_copies_that_outweigh_the_input():
-    sites = [_site(n, requested=0.5) for n in ("q", "k", "v")]
-    state = _state(sites, [InputGroup("h", ("q", "k", "v"), Size(100 * 32 * 4), FREES, "saved")])
+def test_choose_ratios_declines_rows_that_outweigh_the_input():
+    sites = [_site(n, rows=10) for n in ("q", "k", "v")]  # min_rows keeps all 10 rows
+    state = _state(sites, [InputGroup("h", ("q", "k", "v"), Size(10 * 32 * 4), FREES, "saved")])
     decisions = choose_ratios(None, state).decisions
     assert all(d.verdict == ADDS_MEMORY and not d.sampled for d in decisions.values())
-    assert decisions["q"].reason.startswith("3 compact copies outweigh")
+    assert decisions["q"].reason.startswith("the compact rows would outweigh")
+
+
+def test_linears_sharing_an_input_take_the_largest_ratio():
+    sites = [_site("q", requested=0.1), _site("k", requested=0.5)]
+    state = _state(sites, [InputGroup("h", ("q", "k"), Size(100 * 32 * 4), FREES, "saved")])
+    assert choose_ratios(None, state).ratios == {"q": 0.5, "k": 0.5}
 
 
 class MLP(nn.Module):

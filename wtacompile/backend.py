@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from wtacompile.config import WTAConfig
-from wtacompile.lower import inner_compiler
+from wtacompile.lower import compile_graph
 from wtacompile.passes import CompileState, run_passes
 from wtacompile.report import GraphReport, record
 
@@ -60,4 +60,4 @@ def wtacrs_backend(
         report = GraphReport.build(graph_id, config.fingerprint(), False)
     if config.report:
         record(report)
-    return inner_compiler(config, mode)(gm, example_inputs)
+    return compile_graph(gm, example_inputs, config, mode)

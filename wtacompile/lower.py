@@ -1,20 +1,27 @@
-"""Lowering: the inner compiler the rewritten graph goes on to, and the partitioner hook it needs.
+"""Lowering: the inner compiler the rewritten graph goes on to, and what the partitioner needs.
 
-Why the hook: the sampled rows and their indices are a *random* choice made in forward. If
-backward recomputed the sampling op it would draw again — a different sample than forward saw,
-from an input the partitioner would then have to keep alive: wrong pairing and no memory saved.
-By default the min-cut partitioner already bans custom (non-builtin) ops from recomputation, but
-under ``torch._functorch.config.activation_memory_budget < 1`` its knapsack reconsiders banned
-nodes and does recompute them. ``CheckpointPolicy.MUST_SAVE`` is the one mark every path honours,
-so :func:`pin_sampled_choices` sets it on the joint graph, right before partitioning: through
-Inductor's ``joint_custom_pre_pass`` hook, and through :func:`pinned_min_cut_partition` for the
-``aot_eager`` inner compiler and the analysis traces.
+The sampled rows and their indices are a *random* choice made in forward. If the backward graph
+ran the sampling op it would draw again — a different sample than forward saw, from an input the
+partitioner would then have to keep alive: wrong pairing and no memory saved. Two things keep the
+draw in forward:
+
+* :func:`expose_samples` — the partitioner places in the forward graph only what the forward's
+  outputs depend on; the forward matmul does not read the sample (only its backward does), so
+  each sample's ``index`` and ``x_saved`` become extra outputs of the graph, which the compiled
+  function drops again (:func:`compile_graph`).
+* :func:`pin_sampled_choices` — ``CheckpointPolicy.MUST_SAVE`` on the sampling op, so that
+  ``torch._functorch.config.activation_memory_budget < 1`` (whose knapsack reconsiders even banned
+  nodes) never recomputes it. It runs on the joint graph right before partitioning: through
+  Inductor's ``joint_custom_pre_pass`` hook, and through :func:`pinned_min_cut_partition` for the
+  ``aot_eager`` inner compiler and the analysis traces.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -24,12 +31,50 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from wtacompile.config import WTAConfig
 
-__all__ = ["PinSampledChoices", "inner_compiler", "pin_sampled_choices", "pinned_min_cut_partition"]
+__all__ = [
+    "PinSampledChoices",
+    "compile_graph",
+    "expose_samples",
+    "inner_compiler",
+    "pin_sampled_choices",
+    "pinned_min_cut_partition",
+]
+
+
+def expose_samples(gm: fx.GraphModule) -> int:
+    """Append every sample's ``index`` and ``x_saved`` to ``gm``'s outputs; returns how many
+    outputs ``gm`` had before."""
+    from wtacompile.ops import sample_input
+
+    output = gm.graph.output_node()
+    values = output.args[0]
+    extra = [user for node in gm.graph.find_nodes(op="call_function", target=sample_input)
+             for user in node.users if user.target is operator.getitem]
+    if not isinstance(values, (tuple, list)):
+        raise TypeError(f"expected a dynamo graph returning a tuple, got {type(values).__name__}")
+    if extra:
+        output.args = (tuple(values) + tuple(extra),)
+        gm.graph.lint()
+        gm.recompile()
+    return len(values)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: WTAConfig,
+                  mode: str | None) -> Callable:
+    """Compile the rewritten graph with the inner compiler, samples exposed and dropped again."""
+    compiler = inner_compiler(config, mode)
+    if config.inner == "eager":  # plain autograd: no partitioner to keep the draw in forward
+        return compiler(gm, example_inputs)
+    num_outputs = expose_samples(gm)
+    compiled = compiler(gm, example_inputs)
+    if len(gm.graph.output_node().args[0]) == num_outputs:
+        return compiled
+    return lambda *args: compiled(*args)[:num_outputs]  # dynamo calls backends' functions unboxed
 
 
 def pin_sampled_choices(graph: fx.Graph) -> None:
-    """Mark every ``wtacompile::sampled_linear`` node and its outputs ``MUST_SAVE``."""
-    target = torch.ops.wtacompile.sampled_linear.default
+    """Mark every ``wtacompile::sample_rows`` node and its outputs ``MUST_SAVE``."""
+    target = torch.ops.wtacompile.sample_rows.default
     for node in graph.find_nodes(op="call_function", target=target):
         node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
         for user in node.users:

@@ -17,7 +17,8 @@ Model (bytes, at batch ``b``)::
     peak       = max(train peak, step peak)
 
 * saved activations — what the partitioner saves for backward, parameters excluded; a sampled
-  input is replaced by the compact rows and indices of each linear reading it;
+  input is replaced by one compact copy of its kept rows and their indices, which every linear
+  reading it shares;
 * backward transient — what the backward needs beyond the saved activations at its worst moment.
   Graphs run backward in reverse order: while graph ``g``'s backward runs, the graphs before it
   still hold their saved activations, so the transient is
@@ -117,11 +118,11 @@ class SampleableInput:
         return int(self.input_bytes.at(batch, trace_batch))
 
     def compact_bytes_at(self, ratio: float, batch: int | None, trace_batch: int, min_rows: int) -> int:
+        """The one compact copy its readers share (they read the same rows)."""
         scale = 1.0 if batch is None else batch / trace_batch  # rows are batch × sequence
-        return sum(
-            compact_bytes(max(1, round(r.rows * scale)), r.in_features, r.itemsize, ratio, min_rows)
-            for r in self.readers
-        )
+        first = self.readers[0]
+        return compact_bytes(max(1, round(first.rows * scale)), first.in_features, first.itemsize,
+                             ratio, min_rows)
 
 
 def compact_bytes(rows: int, in_features: int, itemsize: int, ratio: float, min_rows: int) -> int:

@@ -1,105 +1,115 @@
 r"""The sampled-save linear: exact forward, exact ``dX``/``db``, unbiased ``dW`` from saved rows.
 
-``torch.ops.wtacompile.sampled_linear(x, weight, bias, keep_ratio, method, min_rows)`` returns
-``(out, x_saved, index)``:
+Two steps, so that linears reading one input share one sample and the forward GEMM stays an
+ordinary matmul that Inductor compiles (and fuses) as it would in dense training:
 
-* ``out = F.linear(x, weight, bias)`` — the very same call, so it is bit-identical to dense;
-* ``x_saved`` ``(k, D)`` — the chosen rows of ``x`` pre-multiplied by their scales;
-* ``index`` ``(k,)`` — which rows of the flattened ``x`` they are.
+1. :func:`sample_input` — once per saved input ``x`` (flattened to ``(N, D)``): the random choice
+   ``index``/``scale`` (the custom op ``wtacompile::sample_rows``: row norms and
+   :func:`~wtacompile.estimator.select_rows`), and the compact rows
+   ``x_saved = x[index] · scale[:, None]`` (``k × D``);
+2. :func:`linear_with_sampled_grad` — per linear reading ``x``: ``F.linear(x, W, b)``, whose
+   autograd saves ``W``, ``index`` and ``x_saved`` — not ``x`` — and computes in backward, with
+   ``G = dY`` flattened to ``(N, out)``:
 
-The two extra outputs exist so that what backward needs is *produced by forward*: autograd (and
-AOTAutograd's partitioner under ``torch.compile``) saves them, and the random choice is made once,
-in forward, and never re-drawn. The op carries ``torch.Tag.nondeterministic_seeded``, which
-declares it random (Inductor never constant-folds it); what keeps the partitioner from recomputing
-it in backward — which would draw again — is :func:`wtacompile.lower.pin_sampled_choices`.
+   * ``dX = G W`` (exact, needs no activation),
+   * ``db = Σ_i G_i`` (exact),
+   * ``dW ≈ G[index]ᵀ x_saved = Σ_t s_t G_{i_t}ᵀ X_{i_t}`` (unbiased for every linear sharing the
+     sample; see :mod:`wtacompile.estimator`).
 
-Backward, with ``G = dY`` flattened to ``(N, out)``:
+The random choice is made once, in forward, and never re-drawn: ``sample_rows`` carries
+``torch.Tag.nondeterministic_seeded`` (declaring it random: Inductor never constant-folds it), and
+under ``torch.compile`` :mod:`wtacompile.lower` keeps the partitioner from moving it into backward.
+Under AOTAutograd the autograd function is traced into plain aten ops: the partitioner sees that
+backward needs ``x_saved`` and ``index``, and may recompute ``x_saved`` from ``x`` when it keeps
+``x`` anyway (the gather is cheap), which costs no memory and still shrinks the ``dW`` GEMM.
 
-* ``dX = G W`` (exact, needs no activation),
-* ``db = Σ_i G_i`` (exact),
-* ``dW ≈ G[index]ᵀ x_saved = Σ_t s_t G_{i_t}ᵀ X_{i_t}`` (unbiased; see :mod:`wtacompile.estimator`).
-
-Use :func:`sampled_linear` rather than the raw op: it validates arguments, applies autocast the
-way ``F.linear`` would, and skips all sampling work where it cannot pay (frozen weight, no grad,
-``keep_ratio == 1``).
+:func:`sampled_linear` is both steps for one linear; use it rather than the raw ops: it validates
+arguments, applies autocast the way ``F.linear`` would, and skips all sampling work where it cannot
+pay (frozen weight, no grad, ``keep_ratio == 1``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from wtacompile import kernels
-from wtacompile.estimator import (
-    DEFAULT_MIN_ROWS,
-    num_kept_rows,
-    select_rows,
-    validate_sampling_args,
-)
+from wtacompile.estimator import DEFAULT_MIN_ROWS, num_kept_rows, select_rows, validate_sampling_args
 
-__all__ = ["sampled_linear"]
+__all__ = ["RowSample", "linear_with_sampled_grad", "sample_input", "sampled_linear"]
 
 
 @torch.library.custom_op(
-    "wtacompile::sampled_linear",
+    "wtacompile::sample_rows",
     mutates_args=(),
     tags=(torch.Tag.nondeterministic_seeded,),
 )
-def _sampled_linear_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    keep_ratio: float,
-    method: str,
-    min_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = F.linear(x, weight, bias)
-    x2d = x.reshape(-1, x.shape[-1])
-    k = num_kept_rows(x2d.shape[0], keep_ratio, min_rows)
+def _sample_rows_op(x2d: torch.Tensor, k: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, scale)`` of ``k`` rows of ``x2d`` chosen by their norms (int64, float32)."""
     selection = select_rows(kernels.row_norms(x2d), k, method)
-    x_saved = kernels.gather_scale(x2d, selection.index, selection.scale)
-    return out, x_saved, selection.index
+    return selection.index, selection.scale
 
 
-@_sampled_linear_op.register_fake
-def _(x, weight, bias, keep_ratio, method, min_rows):
-    out = F.linear(x, weight, bias)
-    n = x.numel() // x.shape[-1] if x.dim() != 2 else x.shape[0]
-    k = num_kept_rows(n, keep_ratio, min_rows)
-    x_saved = x.new_empty((k, x.shape[-1]))
-    index = x.new_empty((k,), dtype=torch.int64)
-    return out, x_saved, index
+@_sample_rows_op.register_fake
+def _(x2d, k, method):
+    return x2d.new_empty((k,), dtype=torch.int64), x2d.new_empty((k,), dtype=torch.float32)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, _keep_ratio, _method, _min_rows = inputs
-    _out, x_saved, index = output
-    ctx.mark_non_differentiable(x_saved, index)
-    ctx.has_bias = bias is not None
-    if weight.requires_grad:
-        ctx.save_for_backward(weight, x_saved, index)
+class RowSample(NamedTuple):
+    """One sample of an input's rows: ``dW ≈ G[index]ᵀ x_saved`` for every linear reading it."""
+
+    index: torch.Tensor  # (k,) int64, rows of the input flattened to (N, D)
+    x_saved: torch.Tensor  # (k, D): those rows, pre-multiplied by their scales
+
+
+def sample_input(x: torch.Tensor, keep_ratio: float, method: str = "wtacrs",
+                 min_rows: int = DEFAULT_MIN_ROWS) -> RowSample:
+    """Draw the rows of ``x`` (flattened over its leading dims) that weight gradients will use."""
+    x2d = x.detach().reshape(-1, x.shape[-1])
+    k = num_kept_rows(x2d.shape[0], keep_ratio, min_rows)
+    index, scale = _sample_rows_op(x2d, k, method)
+    if torch.compiler.is_compiling():
+        # Plain ops: Inductor fuses the gather with the scaling, and the partitioner may
+        # recompute them from x in backward where it keeps x anyway.
+        x_saved = (x2d.index_select(0, index).float() * scale[:, None]).to(x.dtype)
     else:
-        # A frozen weight keeps no activation alive: dX needs only the weight itself.
-        ctx.save_for_backward(weight, None, None)
+        x_saved = kernels.gather_scale(x2d, index, scale)
+    return RowSample(index, x_saved)
 
 
-def _backward(ctx, grad_out, _grad_x_saved, _grad_index):
-    weight, x_saved, index = ctx.saved_tensors
-    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    grad_x = grad_w = grad_b = None
-    if needs_x:
-        grad_x = grad_out.matmul(weight)
-    grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-    if needs_w:
-        grad_w = kernels.sampled_weight_grad(grad_2d, index, x_saved).to(weight.dtype)
-    if needs_b and ctx.has_bias:
-        grad_b = grad_2d.sum(0)
-    return grad_x, grad_w, grad_b, None, None, None
+class _SampledGradLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(x, weight, bias, index, x_saved):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _x, weight, bias, index, x_saved = inputs
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(weight, index, x_saved)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, index, x_saved = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if needs_x:
+            grad_x = grad_out.matmul(weight)
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        if needs_w:
+            grad_w = kernels.sampled_weight_grad(grad_2d, index, x_saved).to(weight.dtype)
+        if needs_b and ctx.has_bias:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b, None, None
 
 
-_sampled_linear_op.register_autograd(_backward, setup_context=_setup_context)
+def linear_with_sampled_grad(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             index: torch.Tensor, x_saved: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose weight gradient is ``G[index]ᵀ x_saved`` (a
+    :class:`RowSample` of ``x``); ``dX`` and ``db`` are exact. ``weight`` is ``(out, in)``."""
+    return _SampledGradLinear.apply(x, weight, bias, index, x_saved)
 
 
 def sampled_linear(
@@ -134,10 +144,15 @@ def sampled_linear(
         return F.linear(x, weight, bias)
     device_type = x.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        # The custom op sits below autocast's dispatch key: cast here exactly as F.linear would.
+        # Sample and save the rows in the dtype the matmul will read, as F.linear would cast them.
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
-            return _sampled_linear_op(x, weight, bias, float(keep_ratio), method, min_rows)[0]
-    return _sampled_linear_op(x, weight, bias, float(keep_ratio), method, min_rows)[0]
+            return _sampled(x, weight, bias, keep_ratio, method, min_rows)
+    return _sampled(x, weight, bias, keep_ratio, method, min_rows)
+
+
+def _sampled(x, weight, bias, keep_ratio, method, min_rows):
+    sample = sample_input(x, float(keep_ratio), method, min_rows)
+    return linear_with_sampled_grad(x, weight, bias, sample.index, sample.x_saved)

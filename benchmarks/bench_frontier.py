@@ -1,0 +1,201 @@
+"""The memory–time frontier: Inductor's activation_memory_budget against wtacrs, side by side.
+
+    python benchmarks/bench_frontier.py --families llama bert --budgets 1 0.5 --ratios 0.3 0.1 \
+        --steps 8 --png frontier.png
+
+For each family and each partitioner budget B, Inductor alone and wtacrs at each keep ratio (its
+inner compiler Inductor, under the same B) train the same model from the same weights with AdamW.
+The arms' steps are interleaved round-robin in one process, so machine noise hits all alike;
+each arm's step time is the median over its timed steps. Saved bytes are counted by
+SavedTensorMeter (distinct non-parameter storages autograd saves), independently of the
+backend's own report; GPU peak memory is added where a GPU is present. Every ratio is to
+Inductor at budget 1 on the same model, all from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import statistics
+import time
+
+import torch
+
+import wtacompile
+from wtacompile.backend import wtacrs_backend
+
+FAMILIES = ("llama", "bert", "t5", "gpt2")
+
+
+def build(family: str):
+    """(model, batch) at the benchmark sizes, random init, dropout off."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    vocab = 8192
+    if family == "llama":
+        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512)
+        model, (b, s) = tf.LlamaForCausalLM(cfg), (8, 256)
+    elif family == "bert":  # all-MiniLM-L6-v2's shape
+        cfg = tf.BertConfig(vocab_size=vocab, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                            num_attention_heads=12, max_position_embeddings=512, num_labels=4,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model, (b, s) = tf.BertForSequenceClassification(cfg), (32, 128)
+    elif family == "t5":  # T5's ReLU feed-forward
+        cfg = tf.T5Config(vocab_size=vocab, d_model=384, d_kv=64, d_ff=1536, num_layers=4, num_heads=6,
+                          dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, feed_forward_proj="relu")
+        model, (b, s) = tf.T5ForConditionalGeneration(cfg), (8, 128)
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=384, n_layer=4, n_head=6, n_positions=512,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        model, (b, s) = tf.GPT2LMHeadModel(cfg), (8, 256)
+    else:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    ids = torch.randint(5, vocab, (b, s))
+    if family == "bert":
+        batch = dict(input_ids=ids, labels=torch.randint(0, 4, (b,)))
+    elif family == "t5":
+        batch = dict(input_ids=ids, labels=torch.randint(5, vocab, (b, s // 4)))
+    else:
+        batch = dict(input_ids=ids, labels=ids)
+    return model.train(), batch
+
+
+class Arm:
+    """One configuration: its own copy of the model, optimizer and compiled function."""
+
+    def __init__(self, name, base, batch, budget, keep_ratio, device):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.name, self.budget, self.keep_ratio, self.batch = name, budget, keep_ratio, batch
+        self.model = copy.deepcopy(base)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        # A distinct backend object per arm: dynamo must not reuse another arm's compiled code.
+        if keep_ratio is None:
+            backend = functools.partial(compile_fx)
+        else:
+            backend = functools.partial(wtacrs_backend, options={"keep_ratio": keep_ratio})
+        self.fn = torch.compile(self.model, backend=backend)
+        self.times: list[float] = []
+        self.device = device
+
+    def _budget(self):
+        return torch._functorch.config.patch(activation_memory_budget=self.budget)
+
+    def step(self) -> float:
+        with self._budget():
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            self.fn(**self.batch).loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+    def measure_memory(self) -> tuple[int, int | None]:
+        with self._budget():
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            with wtacompile.SavedTensorMeter(self.model.parameters()) as meter:
+                loss = self.fn(**self.batch).loss
+            loss.backward()
+            self.optimizer.zero_grad(set_to_none=True)
+            peak = torch.cuda.max_memory_allocated() if self.device == "cuda" else None
+        return meter.activation_bytes, peak
+
+
+def run_family(family, budgets, ratios, steps, warmup, device, log):
+    base, batch = build(family)
+    base.to(device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    arms = []
+    for budget in budgets:
+        arms.append(Arm(f"inductor @{budget:g}", base, batch, budget, None, device))
+        for ratio in ratios:
+            arms.append(Arm(f"wtacrs {ratio:g} @{budget:g}", base, batch, budget, ratio, device))
+    for arm in arms:
+        start = time.perf_counter()
+        for _ in range(warmup):
+            arm.step()
+        log(f"  {family}: compiled and warmed {arm.name} in {time.perf_counter() - start:.0f} s")
+    memory = {arm.name: arm.measure_memory() for arm in arms}
+    for _ in range(steps):
+        for arm in arms:
+            arm.times.append(arm.step())
+    return [(arm, statistics.median(arm.times), *memory[arm.name]) for arm in arms]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.7, 0.5, 0.3])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.1])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per arm (interleaved)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--png", default=None, help="write the frontier picture here (needs matplotlib)")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {where}; ratios to Inductor at budget 1; {args.steps} interleaved steps per arm")
+    header = (f"{'family':<7} {'arm':<18} {'saved MiB':>10} {'x saved':>8} {'step ms':>9} {'x time':>7}"
+              + (f" {'peak MiB':>9} {'x peak':>7}" if device == "cuda" else ""))
+    results = {}
+    for family in args.families:
+        rows = run_family(family, args.budgets, args.ratios, args.steps, args.warmup, device,
+                          lambda s: print(s, flush=True))
+        results[family] = rows
+        ref = next(r for r in rows if r[0].keep_ratio is None and r[0].budget == 1.0) \
+            if 1.0 in args.budgets else rows[0]
+        print(header)
+        print("-" * len(header))
+        for arm, median, saved, peak in rows:
+            line = (f"{family:<7} {arm.name:<18} {saved / 2**20:>10.1f} {saved / ref[2]:>8.3f} "
+                    f"{median * 1e3:>9.0f} {median / ref[1]:>7.3f}")
+            if peak is not None:
+                line += f" {peak / 2**20:>9.0f} {peak / ref[3]:>7.3f}"
+            print(line, flush=True)
+        print()
+    if args.png:
+        plot(results, args.png)
+        print(f"wrote {args.png}")
+
+
+def plot(results, path: str) -> None:
+    """One panel per family: saved-bytes ratio against step-time ratio, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4), squeeze=False)
+    for ax, (family, rows) in zip(axes[0], results.items()):
+        ref = next((r for r in rows if r[0].keep_ratio is None and r[0].budget == 1.0), rows[0])
+        methods = {}
+        for arm, median, saved, _ in rows:
+            label = "Inductor (budget)" if arm.keep_ratio is None else f"wtacrs {arm.keep_ratio:g}"
+            methods.setdefault(label, []).append((arm.budget, median / ref[1], saved / ref[2]))
+        for label, points in methods.items():
+            points.sort(reverse=True)
+            ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=label)
+            for budget, x, y in points:
+                ax.annotate(f"{budget:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.axvline(1.0, color="grey", lw=0.5)
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_title(family)
+        ax.set_xlabel("step time / Inductor")
+        ax.set_ylabel("saved activations / Inductor")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Memory–time frontier (points: partitioner budget; lower left is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
