@@ -88,8 +88,8 @@ def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: R
 
 
 def _sampled_input(node: fx.Node, origin: str) -> fx.Node:
-    """The storage a ``sample_rows`` node samples: up its argument chain (the reshape/detach the
-    sampling call itself traced) to the first tensor from elsewhere."""
+    """The storage a ``sample_rows`` node samples: up its argument chain (the norms, reshape and
+    detach the sampling call itself traced) to the first tensor from elsewhere."""
     x = node.args[0]
     while dynamo_origin(x) == origin and x.op == "call_function" and isinstance(x.args[0], fx.Node):
         x = x.args[0]

@@ -218,10 +218,10 @@ def test_input_without_grad_and_keep_ratio_one():
 
 
 def test_opcheck():
-    x2d = torch.randn(60, 16)
+    scores = torch.randn(60, 16).norm(dim=1)
     op = torch.ops.wtacompile.sample_rows.default
-    torch.library.opcheck(op, (x2d, 18, "wtacrs"))
-    torch.library.opcheck(op, (x2d, 5, "crs"))
+    torch.library.opcheck(op, (scores, 18, "wtacrs"))
+    torch.library.opcheck(op, (scores, 5, "crs"))
 
 
 def test_linears_sharing_a_sample_are_each_unbiased():

@@ -18,8 +18,10 @@ __all__ = [
     "aot_trace",
     "backed_values",
     "dynamo_origin",
+    "evaluate_at",
     "is_storage_view",
     "joint_parameter_inputs",
+    "only_symbol",
     "parameter_placeholders",
     "placeholder_source",
     "primal_placeholders",
@@ -79,6 +81,24 @@ def backed_values(shape_env) -> dict:
     """Traced values of the shape symbols (``backed_var_to_val``; ``var_to_val`` before 2.13)."""
     values = getattr(shape_env, "backed_var_to_val", None)
     return values if values is not None else shape_env.var_to_val
+
+
+def only_symbol(value: torch.SymInt):
+    """(symbol, traced value) if ``value`` is an expression of exactly one shape symbol, else None."""
+    free = value.node.expr.free_symbols
+    if len(free) != 1:
+        return None
+    symbol = next(iter(free))
+    return symbol, int(backed_values(value.node.shape_env)[symbol])
+
+
+def evaluate_at(value: torch.SymInt, assignment: dict) -> int:
+    """``value`` with the symbols in ``assignment`` set, every other symbol at its traced value."""
+    expr = value.node.expr.subs(assignment)
+    if expr.free_symbols:
+        hints = backed_values(value.node.shape_env)
+        expr = expr.subs({s: hints[s] for s in expr.free_symbols if s in hints})
+    return int(expr)
 
 
 # --------------------------------------------------------------------------- AOTAutograd

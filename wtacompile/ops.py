@@ -3,8 +3,8 @@ r"""The sampled-save linear: exact forward, exact ``dX``/``db``, unbiased ``dW``
 Two steps, so that linears reading one input share one sample and the forward GEMM stays an
 ordinary matmul that Inductor compiles (and fuses) as it would in dense training:
 
-1. :func:`sample_input` — once per saved input ``x`` (flattened to ``(N, D)``): the random choice
-   ``index``/``scale`` (the custom op ``wtacompile::sample_rows``: row norms and
+1. :func:`sample_input` — once per saved input ``x`` (flattened to ``(N, D)``): its row norms, the
+   random choice ``index``/``scale`` from them (the custom op ``wtacompile::sample_rows``, i.e.
    :func:`~wtacompile.estimator.select_rows`), and the compact rows
    ``x_saved = x[index] · scale[:, None]`` (``k × D``);
 2. :func:`linear_with_sampled_grad` — per linear reading ``x``: ``F.linear(x, W, b)``, whose
@@ -46,15 +46,15 @@ __all__ = ["RowSample", "linear_with_sampled_grad", "sample_input", "sampled_lin
     mutates_args=(),
     tags=(torch.Tag.nondeterministic_seeded,),
 )
-def _sample_rows_op(x2d: torch.Tensor, k: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(index, scale)`` of ``k`` rows of ``x2d`` chosen by their norms (int64, float32)."""
-    selection = select_rows(kernels.row_norms(x2d), k, method)
+def _sample_rows_op(scores: torch.Tensor, k: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, scale)`` of ``k`` rows chosen by their scores (int64, float32)."""
+    selection = select_rows(scores, k, method)
     return selection.index, selection.scale
 
 
 @_sample_rows_op.register_fake
-def _(x2d, k, method):
-    return x2d.new_empty((k,), dtype=torch.int64), x2d.new_empty((k,), dtype=torch.float32)
+def _(scores, k, method):
+    return scores.new_empty((k,), dtype=torch.int64), scores.new_empty((k,), dtype=torch.float32)
 
 
 class RowSample(NamedTuple):
@@ -69,14 +69,14 @@ def sample_input(x: torch.Tensor, keep_ratio: float, method: str = "wtacrs",
     """Draw the rows of ``x`` (flattened over its leading dims) that weight gradients will use."""
     x2d = x.detach().reshape(-1, x.shape[-1])
     k = num_kept_rows(x2d.shape[0], keep_ratio, min_rows)
-    index, scale = _sample_rows_op(x2d, k, method)
-    if torch.compiler.is_compiling():
-        # Plain ops: Inductor fuses the gather with the scaling, and the partitioner may
-        # recompute them from x in backward where it keeps x anyway.
-        x_saved = (x2d.index_select(0, index).float() * scale[:, None]).to(x.dtype)
-    else:
-        x_saved = kernels.gather_scale(x2d, index, scale)
-    return RowSample(index, x_saved)
+    # Compiled, the norms and the gather are plain ops: Inductor fuses the norms into the kernel
+    # that produces x and the gather with its scaling, and the partitioner may recompute the
+    # gather from x in backward where it keeps x anyway. Eager, the kernels do it in one pass.
+    compiled = torch.compiler.is_compiling()
+    scores = torch.linalg.vector_norm(x2d, dim=1, dtype=torch.float32) if compiled else kernels.row_norms(x2d)
+    index, scale = _sample_rows_op(scores, k, method)
+    gather = kernels.gather_scale_reference if compiled else kernels.gather_scale
+    return RowSample(index, gather(x2d, index, scale))
 
 
 class _SampledGradLinear(torch.autograd.Function):
@@ -99,7 +99,11 @@ class _SampledGradLinear(torch.autograd.Function):
             grad_x = grad_out.matmul(weight)
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         if needs_w:
-            grad_w = kernels.sampled_weight_grad(grad_2d, index, x_saved).to(weight.dtype)
+            # The gather-fused Triton GEMM where it runs; elsewhere plain ops, which Inductor
+            # fuses with whatever produced grad_out.
+            weight_grad = (kernels.sampled_weight_grad if kernels.uses_triton(grad_2d)
+                           else kernels.sampled_weight_grad_reference)
+            grad_w = weight_grad(grad_2d, index, x_saved).to(weight.dtype)
         if needs_b and ctx.has_bias:
             grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b, None, None

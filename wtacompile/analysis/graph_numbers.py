@@ -12,7 +12,14 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from wtacompile._compat import backed_values, dynamo_origin, is_storage_view, size_hint, storage_root
+from wtacompile._compat import (
+    dynamo_origin,
+    evaluate_at,
+    is_storage_view,
+    only_symbol,
+    size_hint,
+    storage_root,
+)
 from wtacompile.memory_model import GraphMemory, Size
 from .partition_trace import PartitionTrace
 
@@ -47,11 +54,8 @@ class Sizer:
         if not isinstance(numel, torch.SymInt):
             return Size(traced, 0)
         symbol, b0 = self._batch
-        expr = numel.node.expr.subs({symbol: b0 + 1})
-        if expr.free_symbols:  # other symbols (a dynamic sequence length) keep their traced values
-            hints = backed_values(numel.node.shape_env)
-            expr = expr.subs({s: hints[s] for s in expr.free_symbols if s in hints})
-        return Size(traced, int(expr) * itemsize - traced)
+        # Other symbols (a dynamic sequence length) keep their traced values.
+        return Size(traced, evaluate_at(numel, {symbol: b0 + 1}) * itemsize - traced)
 
 
 def _batch_symbol(joint: fx.GraphModule, parameter_inputs: set[str]):
@@ -60,11 +64,8 @@ def _batch_symbol(joint: fx.GraphModule, parameter_inputs: set[str]):
         value = node.meta.get("val")
         if node.name in parameter_inputs or not isinstance(value, torch.Tensor) or not value.dim():
             continue
-        if isinstance(value.shape[0], torch.SymInt):
-            free = value.shape[0].node.expr.free_symbols
-            if len(free) == 1:
-                symbol = next(iter(free))
-                return symbol, int(backed_values(value.shape[0].node.shape_env)[symbol])
+        if isinstance(value.shape[0], torch.SymInt) and only_symbol(value.shape[0]) is not None:
+            return only_symbol(value.shape[0])
     return None
 
 
