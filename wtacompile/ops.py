@@ -72,11 +72,13 @@ def sample_input(x: torch.Tensor, keep_ratio: float, method: str = "wtacrs",
     # Compiled, the norms and the gather are plain ops: Inductor fuses the norms into the kernel
     # that produces x and the gather with its scaling, and the partitioner may recompute the
     # gather from x in backward where it keeps x anyway. Eager, the kernels do it in one pass.
-    compiled = torch.compiler.is_compiling()
-    scores = torch.linalg.vector_norm(x2d, dim=1, dtype=torch.float32) if compiled else kernels.row_norms(x2d)
-    index, scale = _sample_rows_op(scores, k, method)
-    gather = kernels.gather_scale_reference if compiled else kernels.gather_scale
-    return RowSample(index, gather(x2d, index, scale))
+    if not torch.compiler.is_compiling():
+        index, scale = _sample_rows_op(kernels.row_norms(x2d), k, method)
+        return RowSample(index, kernels.gather_scale(x2d, index, scale))
+    index, scale = _sample_rows_op(torch.linalg.vector_norm(x2d, dim=1, dtype=torch.float32), k, method)
+    # Indexing (aten.index), not index_select: the min-cut partitioner may recompute only
+    # allow-listed ops, and indexing is one of them.
+    return RowSample(index, (x2d[index].float() * scale[:, None]).to(x2d.dtype))
 
 
 class _SampledGradLinear(torch.autograd.Function):
