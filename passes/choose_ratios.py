@@ -24,6 +24,7 @@ import dataclasses
 from types import MappingProxyType
 
 import torch
+import torch.fx as fx
 
 from wtacompile.memory_model import MemoryModel, compact_bytes, parameter_bytes
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, SKIPPED, InputGroup, LinearSite, SiteDecision
@@ -42,7 +43,7 @@ MIN_OUTPUTS_FOR_SPEED = 64
 _COMMITTED: dict[str, dict[frozenset, int]] = {}
 
 
-def choose_ratios(gm, state: CompileState) -> CompileState:
+def choose_ratios(gm: fx.GraphModule, state: CompileState) -> CompileState:
     """One decision per site: skipped, exact, or sampled at a ratio."""
     analysis = state.analysis
     sites = {site.weight: site for site in state.sites}
@@ -52,11 +53,11 @@ def choose_ratios(gm, state: CompileState) -> CompileState:
             decisions[site.weight] = SiteDecision(False, None, SKIPPED, site.skip_reason)
     for weight in analysis.untraced:
         decisions[weight] = SiteDecision(False, None, FREES_NOTHING, "not in the traced graph")
-    group_ratio = _budget_ratios(state) if state.config.mem_gb is not None else {}
-    ratios = {w: sites[w].requested_ratio for g in analysis.groups for w in g.weights}
-    if state.config.mem_gb is not None:
-        # The solver decides the inputs sampling frees; the others stay exact.
-        ratios.update({w: group_ratio.get(g.root, 1.0) for g in analysis.groups for w in g.weights})
+    if state.config.mem_gb is None:
+        ratios = {w: sites[w].requested_ratio for g in analysis.groups for w in g.weights}
+    else:  # the solver decides the inputs sampling frees; the others stay exact
+        solved = _budget_ratios(state)
+        ratios = {w: solved.get(g.root, 1.0) for g in analysis.groups for w in g.weights}
     for group in analysis.groups:
         decisions.update(_decide_group(group, [sites[w] for w in group.weights], ratios,
                                        state.config.min_rows))
