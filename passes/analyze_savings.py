@@ -39,8 +39,8 @@ import torch.fx as fx
 from wtacompile._compat import dynamo_origin, joint_parameter_inputs, storage_root
 from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys
 from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, trace_partition
-from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, InputGroup, LinearSite, SavingsAnalysis
 from wtacompile.lower import expose_samples
+from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, InputGroup, SavingsAnalysis
 from .compile_state import CompileState
 from .rewrite_sampled import Rewritten, rewrite_sites
 

@@ -12,9 +12,8 @@ None of them changes after it is made; the report is built from them at the end.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from wtacompile.memory_model import GraphMemory, Reader, SampleableInput, Size
 
