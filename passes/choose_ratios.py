@@ -26,6 +26,7 @@ from types import MappingProxyType
 import torch
 import torch.fx as fx
 
+from wtacompile.compiled_models import BudgetLedger
 from wtacompile.memory_model import MemoryModel, compact_bytes, parameter_bytes
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, SKIPPED, InputGroup, LinearSite, SiteDecision
 from wtacompile.solver import DEFAULT_MENU, solve
@@ -36,11 +37,6 @@ __all__ = ["MIN_OUTPUTS_FOR_SPEED", "choose_ratios"]
 #: Σ out_features of the linears sharing an input below which sampling it only for speed does not
 #: pay: the draw (row norms, selection, gather) costs about as much as a GEMM this narrow saves.
 MIN_OUTPUTS_FOR_SPEED = 64
-
-# Bytes each graph compiled under a mem_gb budget commits, per config fingerprint and keyed by
-# the graph's parameters (a recompile of the same graph replaces its entry rather than adding):
-# one budget across all graphs of a model.
-_COMMITTED: dict[str, dict[frozenset, int]] = {}
 
 
 def choose_ratios(gm: fx.GraphModule, state: CompileState) -> CompileState:
@@ -77,9 +73,13 @@ def _decide_group(group: InputGroup, sites: list[LinearSite], ratios: dict[str, 
                                                      ratio, min_rows)
     verdict, reason, sampled = group.verdict, group.reason, False
     if verdict == FREES:
-        sampled = freed > 0
+        # Under dynamic shapes one graph serves every length: k ≤ N, so the rows never outweigh
+        # the input, and they free (1 - ratio) of it wherever N exceeds min_rows / ratio.
+        sampled = freed > 0 or first.dynamic_rows
         if not sampled:
             verdict, reason = ADDS_MEMORY, "the compact rows would outweigh the input they replace"
+        elif freed <= 0:
+            reason += f"; at the traced {first.rows} rows all are kept (min_rows), longer inputs free"
     elif verdict == FREES_NOTHING:
         # Memory-neutral: worth it only where the weight-gradient GEMMs dwarf the sampling work.
         sampled = sum(s.out_features for s in sites) >= MIN_OUTPUTS_FOR_SPEED
@@ -93,8 +93,9 @@ def _decide_group(group: InputGroup, sites: list[LinearSite], ratios: dict[str, 
 
 
 def _budget_ratios(state: CompileState) -> dict[str, float]:
-    """``mem_gb``: this graph's ratio per input root, under the budget the graphs compiled before
-    it left (the planner's memory model and solver, evaluated at the traced shapes)."""
+    """``mem_gb``: this graph's ratio per input root, under what the model's other graphs left of
+    the budget (``state.budget``; without a ledger the graph has it all), by the planner's memory
+    model and solver evaluated at the traced shapes."""
     config = state.config
     parameters = [t for t in state.example_inputs if isinstance(t, torch.nn.Parameter)]
     model = MemoryModel(
@@ -104,9 +105,9 @@ def _budget_ratios(state: CompileState) -> dict[str, float]:
         trace_batch=1,
         min_rows=config.min_rows,
     )
-    graphs = _COMMITTED.setdefault(config.fingerprint(), {})
+    ledger = state.budget if state.budget is not None else BudgetLedger()
     key = frozenset(id(p) for p in parameters)
-    committed = sum(nbytes for other, nbytes in graphs.items() if other != key)
+    committed = ledger.committed_by_others(key)
     budget = int(config.mem_gb * 1e9) - committed
     choices = model.choices_at(None, DEFAULT_MENU)
     solution = solve(choices, budget - model.fixed_at(None))
@@ -118,5 +119,5 @@ def _budget_ratios(state: CompileState) -> dict[str, float]:
             "Use a smaller batch, freeze layers or add LoRA, or raise mem_gb; "
             "wtacompile.plan(model, mem_gb) shows the breakdown."
         )
-    graphs[key] = model.peak(None, solution.ratios)
+    ledger.commit(key, model.peak(None, solution.ratios))
     return solution.ratios

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch.fx as fx
 
+from wtacompile.compiled_models import BudgetLedger
 from wtacompile.config import WTAConfig
 from wtacompile.sites import LinearSite, SavingsAnalysis, SiteDecision
 
@@ -29,6 +30,8 @@ class CompileState:
     sites: tuple[LinearSite, ...] = ()  # find_linears
     analysis: SavingsAnalysis | None = None  # analyze_savings
     decisions: Mapping[str, SiteDecision] = field(default_factory=lambda: MappingProxyType({}))  # choose_ratios
+    name_prefix: str = ""  # where the graph's root module sits in the model ("bert." after a graph break)
+    budget: BudgetLedger | None = None  # the model's mem_gb ledger (the backend's, per model)
 
     @property
     def ratios(self) -> dict[str, float]:

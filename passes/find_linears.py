@@ -11,6 +11,9 @@ Matched forms (``W`` a 2-D parameter, possibly through ``.t()``):
 * ``torch.addmm(b, x, W)`` — GPT-2's ``Conv1D`` (weight stored as ``(in, out)``);
 * ``torch.mm(x, W)`` / ``torch.matmul(x, W)`` / ``x @ W``.
 
+Linears inside activation-checkpointed regions are recorded too, marked ``checkpointed``: their
+inputs are recomputed rather than saved, so they are reported (and warned about) but not sampled.
+
 ``bmm`` with a parameter operand is left alone: no transformer in scope uses one, and a batched
 weight has no single ``dW = dYᵀX`` to sample.
 
@@ -35,22 +38,24 @@ __all__ = ["find_linears", "is_transpose", "match_linear"]
 
 _LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
 _MATMUL_TARGETS = {torch.mm, torch.matmul, operator.matmul}
+_CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 
 
 def find_linears(gm: fx.GraphModule, state: CompileState) -> CompileState:
     """Record a :class:`LinearSite` for every linear-like node whose weight is a 2-D parameter."""
     sites: list[LinearSite] = []
     uses: dict[str, int] = {}
-    for node in gm.graph.nodes:
+    for node, outer, checkpointed in _graph_and_checkpointed_nodes(gm):
         match = match_linear(node)
         if match is None:
             continue
         op, x, weight_node, layout = match
-        param = _parameter_of(weight_node) if isinstance(weight_node, fx.Node) else None
+        param = _parameter_of(weight_node, outer) if isinstance(weight_node, fx.Node) else None
         x_value = x.meta.get("example_value") if isinstance(x, fx.Node) else None
         if param is None or not isinstance(x_value, torch.Tensor) or x_value.dim() < 1:
             continue
         fqn, weight = param
+        fqn = state.name_prefix + fqn
         shape = weight_node.meta.get("example_value", weight).shape
         in_features, out_features = (shape[0], shape[1]) if layout == "in_out" else (shape[1], shape[0])
         if x_value.shape[-1] != in_features:
@@ -73,6 +78,8 @@ def find_linears(gm: fx.GraphModule, state: CompileState) -> CompileState:
             input_bytes=numel * x_value.element_size(),
             weight_requires_grad=bool(weight.requires_grad),
             requested_ratio=state.config.ratio_for(fqn),
+            dynamic_rows=isinstance(x_value.numel(), torch.SymInt),
+            checkpointed=checkpointed,
         ))
     return dataclasses.replace(state, sites=tuple(sites))
 
@@ -102,10 +109,30 @@ def is_transpose(node: fx.Node) -> bool:
     )
 
 
-def _parameter_of(node: fx.Node) -> tuple[str, torch.Tensor] | None:
+def _graph_and_checkpointed_nodes(gm: fx.GraphModule):
+    """``(node, outer, checkpointed)`` for the graph's nodes, then for those of each activation-
+    checkpointed region (``tag_activation_checkpoint``: ``torch.utils.checkpoint``, and Hugging
+    Face's ``gradient_checkpointing_enable``). ``outer`` maps a region's placeholder to the
+    operand the region was called with, so its weights resolve to parameters."""
+    for node in gm.graph.nodes:
+        yield node, (lambda n: n), False
+    for node in gm.graph.find_nodes(op="call_function", target=_CHECKPOINT):
+        body_node = node.args[0]
+        if not (isinstance(body_node, fx.Node) and body_node.op == "get_attr"):
+            continue
+        body = getattr(gm, body_node.target)
+        operands = dict(zip(body.graph.find_nodes(op="placeholder"), node.args[1:]))
+        for inner in body.graph.nodes:
+            yield inner, (lambda n, operands=operands: operands.get(n, n)), True
+
+
+def _parameter_of(node: fx.Node, outer=lambda n: n) -> tuple[str, torch.Tensor] | None:
     """(FQN, example value) if ``node`` is a 2-D parameter placeholder or ``.t()`` of one."""
+    node = outer(node)
+    if not isinstance(node, fx.Node):
+        return None
     if is_transpose(node):
-        return _parameter_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        return _parameter_of(node.args[0], outer) if isinstance(node.args[0], fx.Node) else None
     source = placeholder_source(node)
     value = node.meta.get("example_value")
     if source is None or not isinstance(value, torch.Tensor) or value.dim() != 2:

@@ -23,6 +23,9 @@ __all__ = [
     "joint_parameter_inputs",
     "only_symbol",
     "parameter_placeholders",
+    "scalar_hint",
+    "unwrap_compiled",
+    "specialize_scalar_inputs",
     "placeholder_source",
     "primal_placeholders",
     "source_parameter_name",
@@ -52,6 +55,43 @@ def placeholder_source(node: fx.Node) -> str | None:
     return name() if callable(name) else name
 
 
+def unwrap_compiled(obj):
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) wraps; anything else as is."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return obj._orig_mod if isinstance(obj, OptimizedModule) else obj
+
+
+def graph_root_module(gm: fx.GraphModule) -> torch.nn.Module | None:
+    """The module whose parameters dynamo lifted into ``gm`` (the ``L['self']`` of their sources),
+    read from the frame dynamo is compiling; ``None`` outside a dynamo compile or where the
+    parameters do not come from one frame-local or global module.
+
+    After a graph break inside a submodule the resumed frame's root is that submodule.
+    """
+    from torch._dynamo.source import GlobalSource, LocalSource
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    if tx is None:
+        return None
+    for node in gm.graph.find_nodes(op="placeholder"):
+        grapharg = node.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        if source is None or source_parameter_name(placeholder_source(node) or "") is None:
+            continue
+        while getattr(source, "base", None) is not None:
+            source = source.base
+        if isinstance(source, LocalSource):
+            root = tx.f_locals.get(source.local_name)
+        elif isinstance(source, GlobalSource):
+            root = tx.f_globals.get(source.global_name)
+        else:
+            continue
+        return root if isinstance(root, torch.nn.Module) else None
+    return None
+
+
 def source_parameter_name(source: str, *, buffers: bool = False) -> str | None:
     """The FQN of the parameter (or, with ``buffers``, buffer) a dynamo source spells, else ``None``.
 
@@ -75,6 +115,43 @@ def size_hint(value: int | torch.SymInt) -> int:
         hint = getattr(env, "optimization_hint", None) or env.size_hint
         return int(hint(value.node.expr))
     return int(value)
+
+
+def scalar_hint(value: torch.SymInt | torch.SymFloat | torch.SymBool | int | float | bool):
+    """A Python number for a possibly symbolic scalar: the value it was traced at."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        node = value.node
+        if node.hint is not None:
+            return node.hint
+        return {torch.SymInt: int, torch.SymFloat: float, torch.SymBool: bool}[type(value)](
+            node.shape_env.evaluate_expr(node.expr))
+    return value
+
+
+def specialize_scalar_inputs(gm: fx.GraphModule) -> int:
+    """Replace ``.item()`` of scalar tensor inputs by the number it was traced at; returns how many.
+
+    Under ``dynamic=True`` dynamo passes module float attributes (``dropout_p``, ``eps``,
+    ``scaling``) as 0-d tensor inputs read with ``.item()``. Their memoised symbolic value does not
+    survive a second AOTAutograd trace (each trace starts a new fake-tensor epoch), so a trace
+    made only to analyse the graph fails with ``aten._local_scalar_dense``. For analysis the traced
+    value is the right one: the real compile keeps them symbolic.
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        is_item = (node.op == "call_method" and node.target == "item") or (
+            node.op == "call_function" and node.target is torch.Tensor.item)
+        if not (is_item and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder"):
+            continue
+        value = node.meta.get("example_value")
+        if value is None:
+            continue
+        node.replace_all_uses_with(scalar_hint(value))
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 def backed_values(shape_env) -> dict:

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from wtacompile._compat import graph_root_module
+from wtacompile.compiled_models import check_settings, ledger_for, owning_model
 from wtacompile.config import WTAConfig
 from wtacompile.lower import compile_graph
 from wtacompile.passes import CompileState, run_passes
@@ -53,7 +56,14 @@ def wtacrs_backend(
     )
     graph_id = next(_graph_ids)
     if training:
-        state = run_passes(gm, CompileState(config, tuple(example_inputs)))
+        root = graph_root_module(gm)
+        model = owning_model(root)
+        if model is not None:
+            check_settings(config, model)
+        budget = ledger_for(model, config.fingerprint()) if config.mem_gb is not None else None
+        state = run_passes(gm, CompileState(config, tuple(example_inputs), budget=budget,
+                                            name_prefix=_prefix_in(model, root)))
+        _warn_checkpointed(state.sites)
         report = GraphReport.build(graph_id, config.fingerprint(), True, state.sites, state.decisions)
         log.info("%s", report)
     else:
@@ -61,3 +71,25 @@ def wtacrs_backend(
     if config.report:
         record(report)
     return compile_graph(gm, example_inputs, config, mode)
+
+
+def _warn_checkpointed(sites) -> None:
+    checkpointed = [s.weight for s in sites if s.checkpointed and s.weight_requires_grad]
+    if checkpointed:
+        warnings.warn(
+            f"wtacrs: {len(checkpointed)} linear(s) run inside activation-checkpointed regions "
+            f"(e.g. {checkpointed[0]}) and stay exact: their inputs are recomputed, not saved, so "
+            "sampling them frees nothing. Turn off gradient checkpointing "
+            "(model.gradient_checkpointing_disable()) to let wtacrs sample them; "
+            "wtacompile.last_compile_report() lists them.",
+            stacklevel=2,
+        )
+
+
+def _prefix_in(model: torch.nn.Module | None, root: torch.nn.Module | None) -> str:
+    """``"bert."`` for a graph dynamo resumed inside ``model.bert`` after a graph break: its
+    parameter sources are relative to that submodule, while names in reports, plans and
+    include/exclude are the model's own (``model.named_parameters()``)."""
+    if model is None or root is None or model is root:
+        return ""
+    return next((name + "." for name, module in model.named_modules() if module is root), "")

@@ -10,24 +10,36 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from wtacompile.config import OPTIMIZER_STATES
+
 TASKS = ("causal-lm", "seq-cls", "seq2seq", "image-cls")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class UsageError(ValueError):
+    """A command-line mistake: reported as ``wtacompile plan: error: ...`` with exit status 2."""
+
+
 def build_config(spec: str, overrides: list[str]):
+    """A Hugging Face config from a file, folder or model type, with ``--set`` overrides applied.
+
+    Raises:
+        UsageError: malformed ``--set``, a key the config class does not have, or no such config.
+    """
     from transformers import AutoConfig
 
     values = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes key=value, got {item!r}")
+        if not sep or not key:
+            raise UsageError(f"--set takes key=value, got {item!r}")
         try:
             values[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -35,18 +47,41 @@ def build_config(spec: str, overrides: list[str]):
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"
+    data = {}
     if path.suffix == ".json" or path.exists():
         if not path.exists():
-            raise SystemExit(f"no such config file: {path}")
-        data = json.loads(path.read_text())
-        model_type = data.pop("model_type", None)
-        if model_type is None:
-            raise SystemExit(f"{path} has no model_type")
-        return AutoConfig.for_model(model_type, **{**data, **values})
+            raise UsageError(f"no such config file: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path} is not valid JSON: {err}") from None
+        spec = data.pop("model_type", None)
+        if spec is None:
+            raise UsageError(f"{path} has no model_type")
     try:
-        return AutoConfig.for_model(spec, **values)
-    except ValueError as err:
-        raise SystemExit(f"unknown model type {spec!r}: {err}") from None
+        defaults = AutoConfig.for_model(spec)
+    except ValueError:
+        raise UsageError(f"unknown model type {spec!r} (e.g. llama, bert, gpt2, t5)") from None
+    unknown = sorted(key for key in values if not hasattr(defaults, key))
+    if unknown:
+        raise UsageError(f"--set: {type(defaults).__name__} has no field {', '.join(map(repr, unknown))}; "
+                         "check the spelling against the model's config.json")
+    return AutoConfig.for_model(spec, **{**data, **values})
+
+
+def _positive(kind):
+    """An argparse type: a finite number > 0 of ``kind``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
 
 
 def build_model(config, task: str, dtype: torch.dtype):
@@ -66,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="plan keep ratios for a memory budget")
     p.add_argument("config", help="config.json path, a folder with one, or a model type (llama, bert, ...)")
-    p.add_argument("--mem-gb", type=float, required=True, help="memory budget in GB (1e9 bytes)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=None, help="default: the largest that fits")
-    p.add_argument("--lora-rank", type=int, default=None, help="plan LoRA adapters on a frozen base")
+    p.add_argument("--mem-gb", type=_positive(float), required=True, help="memory budget in GB (1e9 bytes)")
+    p.add_argument("--seq-len", type=_positive(int), default=2048)
+    p.add_argument("--batch-size", type=_positive(int), default=None, help="default: the largest that fits")
+    p.add_argument("--lora-rank", type=_positive(int), default=None, help="plan LoRA adapters on a frozen base")
     p.add_argument("--task", choices=TASKS, default="causal-lm")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adamw")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
     p.add_argument("--json", type=Path, help="also write the plan as JSON here")
@@ -80,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from wtacompile.planning import plan
 
-    config = build_config(args.config, args.set)
+    try:
+        config = build_config(args.config, args.set)
+    except UsageError as err:
+        p.error(str(err))
     model = build_model(config, args.task, DTYPES[args.dtype])
     if args.lora_rank:
         from wtacompile.lora import add_lora

@@ -14,6 +14,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 from wtacompile.estimator import DEFAULT_MIN_ROWS, validate_sampling_args
 from wtacompile.plan_result import Plan
 
-__all__ = ["INNER_COMPILERS", "OPTIMIZER_STATES", "WTAConfig"]
+__all__ = ["INNER_COMPILERS", "OPTIMIZER_STATES", "WTAConfig", "as_patterns", "check_mem_gb"]
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 # Optimizer state tensors per trainable parameter, for the memory model.
@@ -71,20 +72,16 @@ class WTAConfig:
                 f"unknown inner compiler {self.inner!r}; choose one of {', '.join(INNER_COMPILERS)}"
             )
         for name in ("include", "exclude"):
-            patterns = getattr(self, name)
-            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
-                raise ValueError(f"{name} must be a list of fnmatch patterns, got {patterns!r}")
-        if self.mem_gb is not None and not (isinstance(self.mem_gb, (int, float)) and self.mem_gb > 0):
-            raise ValueError(f"mem_gb must be a positive number of GB, got {self.mem_gb!r}")
+            object.__setattr__(self, name, as_patterns(name, getattr(self, name)))
+        object.__setattr__(self, "keep_ratios", _ratio_table(self.keep_ratios, self.method, self.min_rows))
+        if self.mem_gb is not None:
+            check_mem_gb(self.mem_gb)
+        if not isinstance(self.report, bool):
+            raise ValueError(f"report must be True or False, got {self.report!r}")
         if self.optimizer not in OPTIMIZER_STATES:
             raise ValueError(
                 f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}"
             )
-        for fqn, ratio in self.keep_ratios:
-            try:
-                validate_sampling_args(ratio, self.method, self.min_rows)
-            except ValueError as err:
-                raise ValueError(f"keep_ratios[{fqn!r}]: {err}") from None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | WTAConfig | None) -> WTAConfig:
@@ -109,14 +106,6 @@ class WTAConfig:
                     raise ValueError(f"options 'plan' and {clash!r} conflict: the plan sets the ratios")
             kwargs["keep_ratios"] = _plan_ratios(kwargs.pop("plan"))
             kwargs["keep_ratio"] = 1.0  # what the plan does not sample stays exact
-        for name in ("include", "exclude"):
-            if name in kwargs:
-                value = kwargs[name]
-                kwargs[name] = (value,) if isinstance(value, str) else tuple(value)
-        if "keep_ratios" in kwargs:
-            ratios = kwargs["keep_ratios"]
-            items = ratios.items() if isinstance(ratios, Mapping) else ratios
-            kwargs["keep_ratios"] = tuple(sorted((str(k), float(v)) for k, v in items))
         return cls(**kwargs)
 
     def ratio_for(self, weight_name: str) -> float | None:
@@ -131,6 +120,42 @@ class WTAConfig:
         """A short stable hash of every field: different plans never share a compiled graph."""
         payload = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def as_patterns(name: str, value: Any) -> tuple[str, ...]:
+    """``include``/``exclude`` as a tuple of patterns; one string is one pattern, not its letters."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise ValueError(f"{name} must be an fnmatch pattern or a list of them (e.g. ['*.mlp.*']), "
+                     f"got {value!r}")
+
+
+def _ratio_table(value: Any, method: str, min_rows: int) -> tuple[tuple[str, float], ...]:
+    """``keep_ratios`` as sorted ``(weight FQN, ratio)`` pairs, each ratio checked like ``keep_ratio``."""
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = [(name, ratio) for name, ratio in items]
+    except (TypeError, ValueError):
+        raise ValueError("keep_ratios must map weight names to ratios, e.g. "
+                         f"{{'model.layers.0.mlp.up_proj.weight': 0.3}}; got {value!r}") from None
+    for name, ratio in pairs:
+        if not isinstance(name, str):
+            raise ValueError(f"keep_ratios keys must be weight names (str), got {name!r}")
+        try:
+            validate_sampling_args(ratio, method, min_rows)
+        except ValueError as err:
+            raise ValueError(f"keep_ratios[{name!r}]: {err}") from None
+    return tuple(sorted((name, float(ratio)) for name, ratio in pairs))
+
+
+def check_mem_gb(mem_gb: Any) -> None:
+    """``ValueError`` unless ``mem_gb`` is a positive, finite number (not a bool or a string)."""
+    if isinstance(mem_gb, bool) or not isinstance(mem_gb, (int, float)) or not (
+        math.isfinite(mem_gb) and mem_gb > 0
+    ):
+        raise ValueError(f"mem_gb must be a positive, finite number of GB (e.g. 24), got {mem_gb!r}")
 
 
 def _plan_ratios(plan: Any) -> dict[str, float]:

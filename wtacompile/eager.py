@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from wtacompile.config import as_patterns
 from wtacompile.estimator import DEFAULT_MIN_ROWS, validate_sampling_args
 from wtacompile.ops import sampled_linear
 
@@ -70,7 +71,7 @@ def sample_linears(
     validate_sampling_args(keep_ratio, method, min_rows)
     if (include or exclude) and model is None:
         raise ValueError("include/exclude match parameter names: pass model=... as well")
-    weight_filter = _name_filter(model, tuple(include), tuple(exclude))
+    weight_filter = _name_filter(model, as_patterns("include", include), as_patterns("exclude", exclude))
     with _SampledLinearMode(keep_ratio, method, min_rows, weight_filter):
         yield
 

@@ -106,9 +106,22 @@ class _SampledGradLinear(torch.autograd.Function):
             weight_grad = (kernels.sampled_weight_grad if kernels.uses_triton(grad_2d)
                            else kernels.sampled_weight_grad_reference)
             grad_w = weight_grad(grad_2d, index, x_saved).to(weight.dtype)
+            grad_w = grad_w + _nonfinite_marker(grad_2d).to(grad_w.dtype)
         if needs_b and ctx.has_bias:
             grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b, None, None
+
+
+def _nonfinite_marker(grad_2d: torch.Tensor) -> torch.Tensor:
+    """``0`` if every entry of ``dY`` is finite, else ``NaN`` (a 0-d tensor; no host sync).
+
+    Rows that are not drawn never reach ``G[index]ᵀ x_saved``; an Inf/NaN in one of them would
+    vanish from ``dW`` where the dense gradient carries it on to ``GradScaler``'s overflow check.
+    ``0 · Σ G`` is ``0`` for finite ``G`` and ``NaN`` otherwise (``0 · ±Inf``, ``0 · NaN``); the sum
+    accumulates in float32, so a finite fp16/bf16 ``G`` cannot overflow it. One read of ``G``,
+    beside the exact ``dX`` GEMM that reads all of it anyway.
+    """
+    return grad_2d.sum(dtype=torch.float32) * 0.0
 
 
 def linear_with_sampled_grad(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -34,12 +34,14 @@ class SiteReport:
     reason: str
     freed_bytes: int  # predicted: input bytes released minus the compact rows kept
     input_root: str | None  # joint-graph storage of its input (shared by q/k/v)
+    dynamic_rows: bool = False  # the graph serves every length; input_shape is the traced one
 
     @classmethod
     def of(cls, site: LinearSite, decision: SiteDecision) -> SiteReport:
         return cls(site.weight, site.node, site.op, site.input_shape, site.dtype, site.in_features,
                    site.out_features, site.input_bytes, decision.sampled, decision.keep_ratio,
-                   decision.verdict, decision.reason, decision.freed_bytes, decision.input_root)
+                   decision.verdict, decision.reason, decision.freed_bytes, decision.input_root,
+                   site.dynamic_rows)
 
 
 @dataclass(frozen=True)

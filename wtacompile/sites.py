@@ -35,6 +35,10 @@ ADDS_MEMORY = "adds-memory"  # another backward keeps the full input: sampling w
 SKIPPED = "skipped"  # not a candidate (frozen weight, excluded by pattern, ratio 1.0), or exact by plan
 
 
+CHECKPOINTED_REASON = ("inside an activation-checkpointed region: its input is recomputed, not "
+                       "saved; left exact")
+
+
 @dataclass(frozen=True)
 class LinearSite:
     """One linear-like node of a captured graph whose weight is a 2-D parameter."""
@@ -52,12 +56,16 @@ class LinearSite:
     input_bytes: int
     weight_requires_grad: bool
     requested_ratio: float | None  # from the config; None: excluded by include/exclude
+    dynamic_rows: bool = False  # N is symbolic: the graph serves every length, rows is its hint
+    checkpointed: bool = False  # inside an activation-checkpointed region (recomputed in backward)
 
     @property
     def skip_reason(self) -> str | None:
         """Why this site is not a sampling candidate, or ``None`` if it is one."""
         if not self.weight_requires_grad:
             return "frozen weight: no activation saved for it"
+        if self.checkpointed:
+            return CHECKPOINTED_REASON
         if self.requested_ratio is None:
             return "excluded by include/exclude"
         if self.requested_ratio >= 1.0:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from wtacompile._compat import aot_trace, storage_root
+from wtacompile._compat import aot_trace, specialize_scalar_inputs, storage_root
 from wtacompile.config import WTAConfig
 
 __all__ = ["PartitionTrace", "copy_module", "trace_partition"]
@@ -64,7 +64,9 @@ def trace_partition(gm: fx.GraphModule, config: WTAConfig) -> PartitionTrace:
         from torch._inductor.decomposition import select_decomp_table
 
         decompositions = select_decomp_table()
-    aot_trace(copy_module(gm), recording_partition, decompositions)
+    traced = copy_module(gm)
+    specialize_scalar_inputs(traced)
+    aot_trace(traced, recording_partition, decompositions)
     if not captured:
         raise RuntimeError("wtacrs analysis: AOTAutograd produced no joint graph to partition")
     return captured[0]

@@ -53,14 +53,11 @@ def capture_analyses(model: torch.nn.Module, example_inputs, config: WTAConfig,
         for value in (*args, *kwargs.values()):
             if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == symbolic_batch:
                 torch._dynamo.maybe_mark_dynamic(value, 0)
-    # Planning compiles with its own backend; start and end with clean caches so neither the
-    # user's compiled functions nor this capture see the other's entries.
-    torch._dynamo.reset()
-    try:
-        with _fake_parameters(model, fake_mode), torch.enable_grad(), fake_mode:
-            torch.compile(model, backend=capture_backend, dynamic=None)(*args, **kwargs)
-    finally:
-        torch._dynamo.reset()
+    # Planning compiles with a backend of its own in an isolated cache region: the user's
+    # compiled functions keep their entries (another backend's entries never match ours, and ours
+    # never count against their recompile limit), so nothing of theirs recompiles afterwards.
+    with _fake_parameters(model, fake_mode), torch.enable_grad(), fake_mode:
+        torch.compile(model, backend=capture_backend, dynamic=None, isolate_recompiles=True)(*args, **kwargs)
     if not states:
         raise ValueError("plan(): the model produced no training graph (nothing requires grad?)")
     return states

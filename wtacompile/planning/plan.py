@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from wtacompile.config import WTAConfig
+from wtacompile.config import WTAConfig, check_mem_gb
 from wtacompile.estimator import DEFAULT_MIN_ROWS
 from wtacompile.memory_model import MemoryModel, parameter_bytes
 from wtacompile.passes import CompileState
@@ -51,14 +51,12 @@ def plan(
     for the largest batch that fits with sampling. A budget that cannot be met gives a plan with
     ``fits=False`` and advice.
     """
-    if not mem_gb or mem_gb <= 0:
-        raise ValueError(f"mem_gb must be a positive number of GB, got {mem_gb!r}")
-    config = WTAConfig(keep_ratio=0.3, min_rows=min_rows, include=tuple(include),
-                       exclude=tuple(exclude), inner=inner, optimizer=optimizer)
+    _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch)
+    config = WTAConfig(keep_ratio=0.3, min_rows=min_rows, include=include, exclude=exclude,
+                       inner=inner, optimizer=optimizer)
     budget = int(mem_gb * 1e9)
     if example_inputs is not None:
-        first = next(iter(example_inputs.values() if isinstance(example_inputs, Mapping) else example_inputs))
-        trace_batch = int(first.shape[0])
+        trace_batch = _batch_of(example_inputs)
         if batch_size is not None and batch_size != trace_batch:
             raise ValueError(f"batch_size={batch_size} but example_inputs have batch {trace_batch}")
         batch_size, inputs = trace_batch, example_inputs
@@ -102,6 +100,34 @@ def plan(
         advice="" if fits else _advice(mm, budget, batch, need, sampled_max, menu),
         min_peak_bytes=need,
     )
+
+
+def _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch) -> None:
+    """One ``ValueError`` per bad argument, naming the fix, before any tracing."""
+    check_mem_gb(mem_gb)
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_batch", max_batch)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int"
+                             + (" or None" if name != "max_batch" else "") + f", got {value!r}")
+    if example_inputs is not None:
+        if not isinstance(example_inputs, (Mapping, tuple, list)):
+            raise ValueError("example_inputs must be a dict of keyword inputs or a tuple of positional "
+                             f"ones, got {type(example_inputs).__name__}")
+        if not any(isinstance(v, torch.Tensor) for v in _values(example_inputs)):
+            raise ValueError("example_inputs holds no tensor: pass the model's inputs "
+                             "(e.g. {'input_ids': ids, 'labels': ids}) or leave it out and give seq_len")
+
+
+def _values(example_inputs) -> list[Any]:
+    return list(example_inputs.values() if isinstance(example_inputs, Mapping) else example_inputs)
+
+
+def _batch_of(example_inputs) -> int:
+    """The batch size: the leading dim of the first tensor input with one."""
+    for value in _values(example_inputs):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError("example_inputs has no batched tensor (every tensor is 0-d)")
 
 
 def _keep_ratios(mm: MemoryModel, solution: Solution) -> dict[str, float]:

@@ -1,0 +1,301 @@
+"""Nothing silently dropped: dynamic shapes, checkpointing, one budget per model, every setting
+used or refused, plan() leaving compiled code alone, non-finite gradients carried to dW."""
+
+import copy
+import gc
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounter
+from torch._dynamo.utils import counters
+
+import wtacompile
+from wtacompile import WTAConfig, plan
+from wtacompile.compiled_models import _LEDGERS, owning_model
+from hf_models import build
+
+AOT = {"inner": "aot_eager"}
+
+
+def _decisions(reports):
+    return {s.weight: (s.verdict, s.sampled) for r in reports if r.training for s in r.sites}
+
+
+def _same_or_only_floored(dynamic, static, static_reports):
+    """Dynamic decisions equal static ones, except where the static graph declined only because
+    its N was under min_rows (rows would outweigh the input): one dynamic graph serves larger N."""
+    floored = {s.weight for r in static_reports if r.training for s in r.sites if "outweigh" in s.reason}
+    assert dynamic.keys() == static.keys()
+    for weight, decision in dynamic.items():
+        assert decision == static[weight] or (weight in floored and decision[1]), weight
+
+
+def _bert_at(batch, length):
+    return {k: v[:, :length] if k != "labels" else v for k, v in batch.items()}
+
+
+# 1. dynamic shapes ---------------------------------------------------------------------------
+
+def test_dynamic_true_samples_what_static_samples_without_graph_breaks():
+    model, batch = build("bert")
+    wtacompile.clear_reports()
+    torch.compile(copy.deepcopy(model), backend="wtacrs", options=AOT)(**batch).loss.backward()
+    static_reports = wtacompile.compile_reports()
+    static = _decisions(static_reports)
+    assert any(sampled for _, sampled in static.values())
+
+    torch._dynamo.reset()
+    counters.clear()
+    wtacompile.clear_reports()
+    compiled = torch.compile(copy.deepcopy(model), backend="wtacrs", options=AOT, dynamic=True)
+    for length in (16, 12):
+        compiled(**_bert_at(batch, length)).loss.backward()
+    assert sum(counters["graph_break"].values()) == 0
+    _same_or_only_floored(_decisions(wtacompile.compile_reports()), static, static_reports)
+
+
+def test_automatic_dynamic_decisions_hold_for_every_length():
+    """The recompile at a short length (N ≤ min_rows: every row kept at the traced size) must
+    still sample what the static graph samples, since the same graph then serves long inputs."""
+    model, batch = build("bert")
+    wtacompile.clear_reports()
+    compiled = torch.compile(model, backend="wtacrs", options=AOT)
+    compiled(**batch).loss.backward()
+    static_reports = wtacompile.compile_reports()
+    static = _decisions(static_reports)
+    wtacompile.clear_reports()
+    compiled(**_bert_at(batch, 4)).loss.backward()  # 2 × 4 = 8 rows < min_rows: triggers dynamic
+    reports = [r for r in wtacompile.compile_reports() if r.training]
+    assert reports and any(s.dynamic_rows for r in reports for s in r.sites if s.sampled)
+    _same_or_only_floored(_decisions(reports), static, static_reports)
+    wtacompile.clear_reports()
+    compiled(**_bert_at(batch, 11)).loss.backward()  # served by the dynamic graph
+    assert not [r for r in wtacompile.compile_reports() if r.training]
+
+
+# 2. activation checkpointing -------------------------------------------------------------------
+
+def test_gradient_checkpointing_is_reported_and_warned_and_stays_exact():
+    model, batch = build("bert")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = copy.deepcopy(model)
+    reference(**batch).loss.backward()
+    wtacompile.clear_reports()
+    with pytest.warns(UserWarning, match="activation-checkpointed"):
+        torch.compile(model, backend="wtacrs", options=AOT)(**batch).loss.backward()
+    sites = [s for r in wtacompile.compile_reports() if r.training for s in r.sites]
+    inside = [s for s in sites if "encoder.layer" in s.weight]
+    # Every encoder linear is listed, under the model's own names, and left exact with the reason.
+    assert len(inside) == 12 and all(s.weight.startswith("bert.encoder.layer.") for s in inside)
+    assert all(not s.sampled and "checkpointed" in s.reason for s in inside)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+# 3. one budget per model -----------------------------------------------------------------------
+
+def test_mem_gb_budget_belongs_to_each_model():
+    models = [build("llama"), build("qwen2")]
+    refs = [plan(m, 1.0, example_inputs=b, inner="aot_eager") for m, b in models]
+    tight = max((r.baseline_peak_bytes + r.min_peak_bytes) / 2 for r in refs) / 1e9
+    options = dict(AOT, mem_gb=tight)
+
+    alone = []
+    for m, b in models:
+        torch._dynamo.reset()
+        wtacompile.clear_reports()
+        torch.compile(copy.deepcopy(m), backend="wtacrs", options=options)(**b).loss.backward()
+        alone.append(_decisions(wtacompile.compile_reports()))
+    assert all(any(sampled for _, sampled in d.values()) for d in alone)
+
+    torch._dynamo.reset()
+    together = []
+    for m, b in models:  # one process, same options, no reset between: no budget carried over
+        wtacompile.clear_reports()
+        torch.compile(copy.deepcopy(m), backend="wtacrs", options=options)(**b).loss.backward()
+        together.append(_decisions(wtacompile.compile_reports()))
+    assert together == alone
+
+
+def test_ledger_is_dropped_with_its_model():
+    model = nn.Sequential(nn.Linear(4, 4))
+    assert owning_model(model[0]) is model[0]  # a submodule seen first is its own model
+    assert owning_model(model[0]) is model[0]
+    n = len(_LEDGERS)
+    del model
+    gc.collect()
+    assert len(_LEDGERS) == n - 1
+
+
+# 4. no setting ignored ---------------------------------------------------------------------------
+
+def test_plan_for_another_model_is_refused_by_name():
+    bert, bert_batch = build("bert")
+    llama, llama_batch = build("llama")
+    loose = plan(bert, 1.0, example_inputs=bert_batch, inner="aot_eager")
+    tight = (loose.baseline_peak_bytes + loose.min_peak_bytes) / 2 / 1e9
+    bert_plan = plan(bert, tight, example_inputs=bert_batch, inner="aot_eager")
+    assert bert_plan.fits and bert_plan.keep_ratios
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="has none of them") as info:
+        torch.compile(llama, backend="wtacrs", options=dict(AOT, plan=bert_plan))(**llama_batch)
+    assert isinstance(info.value.inner_exception, ValueError)
+    assert "bert." in str(info.value) and "model.layers" in str(info.value)
+
+
+def test_patterns_matching_no_parameter_warn():
+    model, batch = build("llama")
+    with pytest.warns(UserWarning, match="exclude pattern.*'layers.0.*'.*match no parameter"):
+        torch.compile(model, backend="wtacrs", options=dict(AOT, exclude=["layers.0.*"]))(**batch)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"include": 5}, "include must be an fnmatch pattern"),
+    ({"exclude": [1]}, "exclude must be an fnmatch pattern"),
+    ({"keep_ratios": {"w": "0.5"}}, r"keep_ratios\['w'\]"),
+    ({"keep_ratios": {"w": True}}, r"keep_ratios\['w'\]"),
+    ({"keep_ratios": {"w": 1.5}}, r"keep_ratios\['w'\]"),
+    ({"keep_ratios": [1, 2]}, "keep_ratios must map weight names"),
+    ({"mem_gb": math.inf}, "positive, finite"),
+    ({"mem_gb": True}, "positive, finite"),
+    ({"mem_gb": "8"}, "positive, finite"),
+    ({"report": "no"}, "report must be True or False"),
+])
+def test_bad_option_values_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        WTAConfig.from_options(options)
+
+
+def test_one_pattern_string_is_one_pattern():
+    assert WTAConfig.from_options({"include": "fc1*"}).include == ("fc1*",)
+    assert WTAConfig(exclude="*head*").exclude == ("*head*",)
+
+
+def test_eager_include_string_is_one_pattern():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x))
+
+    model = Two()
+    x = torch.randn(256, 8)
+    with wtacompile.SavedTensorMeter(model.parameters()) as dense:
+        model(x)
+    with (wtacompile.sample_linears(0.25, model=model, include="fc1*"),
+          wtacompile.SavedTensorMeter(model.parameters()) as sampled):
+        model(x)
+    # Only fc1's input is sampled (the string is one pattern, not "f", "c", "1", "*"): its
+    # 256 rows become 64 scaled rows and their int64 indices; fc2's input is kept whole.
+    assert dense.activation_bytes - sampled.activation_bytes == 256 * 8 * 4 - (64 * 8 * 4 + 64 * 8)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--set", "hiden_size=32"], "no field 'hiden_size'"),
+    (["--set", "oops"], "key=value"),
+    (["--mem-gb", "nan"], "positive float"),
+    (["--mem-gb", "-3"], "positive float"),
+    (["--seq-len", "-4"], "positive int"),
+    (["--batch-size", "0"], "positive int"),
+])
+def test_cli_usage_errors(argv, match, capsys):
+    from wtacompile.cli import main
+
+    args = ["plan", "llama", "--mem-gb", "8", *argv] if "--mem-gb" not in argv else ["plan", "llama", *argv]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+# 5. plan() leaves the user's compiled functions alone -------------------------------------------
+
+def test_plan_does_not_recompile_user_functions():
+    counter = CompileCounter()
+    user_fn = torch.compile(lambda x: torch.sin(x) + 1, backend=counter)
+    user_fn(torch.randn(4))
+    model, batch = build("bert")
+    plan(model, 1.0, example_inputs=batch, inner="aot_eager")
+    plan(model, 1.0, example_inputs=batch, inner="aot_eager")
+    user_fn(torch.randn(4))
+    assert counter.frame_count == 1
+
+
+# 6. bad input to the planning paths ------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"mem_gb": math.nan}, "mem_gb must be a positive, finite"),
+    ({"mem_gb": math.inf}, "mem_gb must be a positive, finite"),
+    ({"mem_gb": "8"}, "mem_gb must be a positive, finite"),
+    ({"mem_gb": 0}, "mem_gb must be a positive, finite"),
+    ({"mem_gb": 8, "batch_size": 0}, "batch_size must be a positive int"),
+    ({"mem_gb": 8, "batch_size": -2}, "batch_size must be a positive int"),
+    ({"mem_gb": 8, "seq_len": -5}, "seq_len must be a positive int"),
+    ({"mem_gb": 8, "example_inputs": {}}, "example_inputs holds no tensor"),
+    ({"mem_gb": 8, "example_inputs": 3}, "example_inputs must be a dict"),
+    ({"mem_gb": 8, "seq_len": 16, "include": 5}, "include must be an fnmatch pattern"),
+])
+def test_plan_bad_arguments(kwargs, match):
+    model, _ = build("bert")
+    with pytest.raises(ValueError, match=match):
+        plan(model, **kwargs)
+
+
+def test_plan_json_with_string_fits_is_refused():
+    model, batch = build("bert")
+    text = plan(model, 1.0, example_inputs=batch, inner="aot_eager").to_json()
+    with pytest.raises(ValueError, match="'fits'"):
+        wtacompile.Plan.from_json(text.replace('"fits": true', '"fits": "false"'))
+
+
+# 7. non-finite upstream gradients reach dW ------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_non_finite_grad_row_reaches_weight_grad(bad):
+    """Whichever rows are drawn, a non-finite dY entry makes dW non-finite, as dense dW would be:
+    GradScaler then skips the step instead of applying a finite estimate."""
+    for trial in range(10):
+        torch.manual_seed(trial)
+        x = torch.randn(64, 16)
+        weight = torch.randn(8, 16, requires_grad=True)
+        y = wtacompile.sampled_linear(x, weight, None, keep_ratio=0.1, min_rows=1)
+        grad = torch.ones_like(y)
+        grad[(7 * trial) % 64, trial % 8] = bad
+        y.backward(grad)
+        assert not torch.isfinite(weight.grad).all(), trial
+
+
+def test_non_finite_grad_reaches_weight_grad_compiled():
+    class BiasFree(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(16, 64, bias=False)
+            self.down = nn.Linear(64, 4, bias=False)
+
+        def forward(self, x):
+            return self.down(F.relu(self.up(x)))
+
+    model = BiasFree()
+    compiled = torch.compile(model, backend="wtacrs", options=dict(AOT, keep_ratio=0.1, min_rows=1))
+    for trial in range(5):
+        model.zero_grad()
+        y = compiled(torch.randn(128, 16))
+        grad = torch.ones_like(y)
+        grad[(13 * trial) % 128, 0] = math.inf
+        y.backward(grad)
+        assert not torch.isfinite(model.down.weight.grad).all()
+        assert not torch.isfinite(model.up.weight.grad).all()
+
+
+def test_finite_grads_stay_finite_in_low_precision():
+    """The check sums dY in float32: large finite fp16 gradients do not trip it."""
+    x = torch.randn(512, 16, dtype=torch.float16) * 1e-4
+    weight = torch.randn(8, 16, dtype=torch.float16, requires_grad=True)
+    y = wtacompile.sampled_linear(x, weight, None, keep_ratio=0.3)
+    y.backward(torch.full_like(y, 60000.0))  # Σ dY ≈ 2.5e8 overflows fp16, not fp32; dW ≈ 1e3
+    assert torch.isfinite(weight.grad).all()

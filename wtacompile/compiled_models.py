@@ -1,0 +1,124 @@
+"""What the backend keeps per compiled model: its ``mem_gb`` ledger, and the check of its settings.
+
+The backend sees one graph at a time; a model is the module dynamo compiles (the ``L['self']`` of
+the graph's parameter sources, :func:`wtacompile._compat.graph_root_module`). Graphs resumed after a
+graph break inside a submodule belong to the model that submodule is part of. Models are held
+weakly: deleting one deletes what is kept for it, and nothing is shared between two models, even
+ones compiled with the same options.
+
+**Budget.** Each graph of a model compiled under ``options={"mem_gb": X}`` commits the bytes its plan
+predicts; the next graph plans within what is left. A recompile of a graph (same parameters)
+replaces its entry.
+
+**Settings.** ``keep_ratios`` (or a plan) naming weights the model does not have is an error, and
+``include``/``exclude`` patterns that match none of its parameters are a warning, on the first
+graph of a model: a BERT plan applied to a Llama must not train dense without a word.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import sys
+import warnings
+import weakref
+
+import torch
+
+from wtacompile._compat import unwrap_compiled
+
+__all__ = ["BudgetLedger", "check_settings", "ledger_for", "owning_model"]
+
+log = logging.getLogger("wtacompile")
+
+
+class BudgetLedger:
+    """Bytes committed by each graph of one model under one config, keyed by its parameters."""
+
+    def __init__(self) -> None:
+        self._graphs: dict[frozenset[int], int] = {}
+
+    def committed_by_others(self, graph: frozenset[int]) -> int:
+        """What the model's other graphs committed (a recompile of ``graph`` replaces its own)."""
+        return sum(nbytes for key, nbytes in self._graphs.items() if key != graph)
+
+    def commit(self, graph: frozenset[int], nbytes: int) -> None:
+        self._graphs[graph] = nbytes
+
+
+_LEDGERS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, BudgetLedger]] = weakref.WeakKeyDictionary()
+
+
+def owning_model(root: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The compiled model ``root`` belongs to: a model seen before that has ``root`` among its
+    modules, else ``root`` itself (registered as a model from now on)."""
+    if root is None:
+        return None
+    for model in list(_LEDGERS.keys()):
+        if model is root or any(module is root for module in model.modules()):
+            return model
+    model = _outermost_caller_owning(root)
+    _LEDGERS[model] = {}
+    return model
+
+
+def _outermost_caller_owning(root: torch.nn.Module) -> torch.nn.Module:
+    """The outermost module on the Python call stack that has ``root`` among its modules.
+
+    The first graph dynamo hands us may start inside a submodule (the model's own frame broke
+    before any parameter was used, e.g. on a logging call); the model whose ``forward`` is running
+    it is still on the stack as a caller's ``self``.
+    """
+    owner = root
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        candidate = unwrap_compiled(candidate)  # torch.compile's wrapper: names are the model's
+        if (isinstance(candidate, torch.nn.Module) and candidate is not owner
+                and any(module is owner for module in candidate.modules())):
+            owner = candidate
+        frame = frame.f_back
+    return owner
+
+
+def ledger_for(model: torch.nn.Module | None, fingerprint: str) -> BudgetLedger:
+    """The ``mem_gb`` ledger of ``model`` (see :func:`owning_model`) for the config ``fingerprint``."""
+    if model is None:
+        log.warning("wtacrs mem_gb: cannot tell which model this graph belongs to (its parameters "
+                    "are not attributes of one module); it is budgeted on its own")
+        return BudgetLedger()
+    return _LEDGERS.setdefault(model, {}).setdefault(fingerprint, BudgetLedger())
+
+
+def check_settings(config, model: torch.nn.Module) -> None:
+    """``keep_ratios`` (or a plan) naming no weight of ``model`` is a ``ValueError``; naming some it
+    does not have, or ``include``/``exclude`` patterns matching none of its parameters, a warning.
+
+    ``model`` may be a submodule standing for the whole model (the first graph dynamo compiled
+    started inside it), so a name also counts as matched where one is a dotted suffix of the other.
+    """
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    known = set(names)
+
+    def matched(weight: str) -> bool:
+        weight = weight.split("#")[0]
+        return weight in known or any(weight.endswith("." + n) or n.endswith("." + weight) for n in names)
+
+    missing = [w for w, _ in config.keep_ratios if not matched(w)]
+    example = ", ".join(n for n in names if n.endswith(".weight"))[:160]
+    if missing and len(missing) == len(config.keep_ratios):
+        raise ValueError(
+            f"wtacrs: keep_ratios (or the plan) name {len(missing)} weights and this "
+            f"{type(model).__name__} has none of them (e.g. {', '.join(missing[:3])}); its weights "
+            f"are named like {example}. Make the plan for this model (wtacompile.plan(model, ...)) "
+            "or fix the names."
+        )
+    if missing:
+        warnings.warn(f"wtacrs: keep_ratios name {len(missing)} weight(s) this {type(model).__name__} "
+                      f"does not have, ignored: {', '.join(missing[:5])}", stacklevel=2)
+    for kind in ("include", "exclude"):
+        unmatched = [p for p in getattr(config, kind) if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            warnings.warn(f"wtacrs: {kind} pattern(s) {', '.join(map(repr, unmatched))} match no "
+                          f"parameter of this {type(model).__name__} (names look like {names[0]!r})",
+                          stacklevel=2)
