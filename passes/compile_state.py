@@ -30,7 +30,7 @@ class CompileState:
     sites: tuple[LinearSite, ...] = ()  # find_linears
     analysis: SavingsAnalysis | None = None  # analyze_savings
     decisions: Mapping[str, SiteDecision] = field(default_factory=lambda: MappingProxyType({}))  # choose_ratios
-    name_prefix: str = ""  # where the graph's root module sits in the model ("bert." after a graph break)
+    parameter_names: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))  # id → model's name
     budget: BudgetLedger | None = None  # the model's mem_gb ledger (the backend's, per model)
 
     @property

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from wtacompile._compat import placeholder_source, size_hint, source_parameter_name
+from wtacompile._compat import placeholder_example, placeholder_source, size_hint, source_parameter_name
 from wtacompile.sites import LinearSite
 from .compile_state import CompileState
 
@@ -54,8 +54,11 @@ def find_linears(gm: fx.GraphModule, state: CompileState) -> CompileState:
         x_value = x.meta.get("example_value") if isinstance(x, fx.Node) else None
         if param is None or not isinstance(x_value, torch.Tensor) or x_value.dim() < 1:
             continue
-        fqn, weight = param
-        fqn = state.name_prefix + fqn
+        fqn, weight, placeholder = param
+        # The model's own name where the backend knows the model: dynamo's source spells the
+        # access path, which differs under wrappers that override __getattr__ (PEFT's
+        # ``__dict__['_modules']``) and after a graph break inside a submodule.
+        fqn = state.parameter_names.get(id(placeholder_example(placeholder)), fqn)
         shape = weight_node.meta.get("example_value", weight).shape
         in_features, out_features = (shape[0], shape[1]) if layout == "in_out" else (shape[1], shape[0])
         if x_value.shape[-1] != in_features:
@@ -126,8 +129,9 @@ def _graph_and_checkpointed_nodes(gm: fx.GraphModule):
             yield inner, (lambda n, operands=operands: operands.get(n, n)), True
 
 
-def _parameter_of(node: fx.Node, outer=lambda n: n) -> tuple[str, torch.Tensor] | None:
-    """(FQN, example value) if ``node`` is a 2-D parameter placeholder or ``.t()`` of one."""
+def _parameter_of(node: fx.Node, outer=lambda n: n) -> tuple[str, torch.Tensor, fx.Node] | None:
+    """(FQN from its source, example value, placeholder) if ``node`` is a 2-D parameter
+    placeholder or ``.t()`` of one."""
     node = outer(node)
     if not isinstance(node, fx.Node):
         return None
@@ -138,4 +142,4 @@ def _parameter_of(node: fx.Node, outer=lambda n: n) -> tuple[str, torch.Tensor] 
     if source is None or not isinstance(value, torch.Tensor) or value.dim() != 2:
         return None
     name = source_parameter_name(source)
-    return None if name is None else (name, value)
+    return None if name is None else (name, value, node)

@@ -74,8 +74,7 @@ def test_batch_search_without_batch_size():
 
 def test_meta_model_allocates_nothing_and_lora_counts_only_adapters():
     import transformers as tf
-
-    from wtacompile.lora import add_lora
+    from peft import LoraConfig, get_peft_model
 
     cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5504,
                          num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=16)
@@ -88,11 +87,13 @@ def test_meta_model_allocates_nothing_and_lora_counts_only_adapters():
     params = sum(p.numel() * 4 for p in model.parameters())
     assert full.breakdown["parameters"] == params and full.breakdown["gradients"] == params
 
-    add_lora(model, rank=8)
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "up_proj"]))
     lora = plan(model, 24, batch_size=1, seq_len=512)
     adapters = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     assert lora.breakdown["gradients"] == adapters and lora.breakdown["optimizer"] == 2 * adapters
-    assert any(".lora_A." in name for name in (layer.weight for layer in lora.layers))
+    names = {name for name, _ in model.named_parameters()}
+    assert any(".lora_A." in layer.weight for layer in lora.layers)
+    assert all(layer.weight.split("#")[0] in names for layer in lora.layers)  # PEFT's own names
 
 
 def test_backend_mem_gb_option():

@@ -22,7 +22,9 @@ __all__ = [
     "is_storage_view",
     "joint_parameter_inputs",
     "only_symbol",
+    "parameter_names",
     "parameter_placeholders",
+    "placeholder_example",
     "scalar_hint",
     "unwrap_compiled",
     "specialize_scalar_inputs",
@@ -90,6 +92,24 @@ def graph_root_module(gm: fx.GraphModule) -> torch.nn.Module | None:
             continue
         return root if isinstance(root, torch.nn.Module) else None
     return None
+
+
+def placeholder_example(node: fx.Node) -> torch.Tensor | None:
+    """The real tensor dynamo lifted into a placeholder (``grapharg.example``), or ``None``."""
+    grapharg = node.meta.get("grapharg") if node.op == "placeholder" else None
+    try:
+        example = grapharg.example if grapharg is not None else None
+    except AssertionError:  # the weak reference died
+        return None
+    return example if isinstance(example, torch.Tensor) else None
+
+
+def parameter_names(model: torch.nn.Module) -> dict[int, str]:
+    """``id(parameter) → name`` as ``model.named_parameters()`` spells it (first name of a tied one)."""
+    names: dict[int, str] = {}
+    for name, parameter in unwrap_compiled(model).named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), name)
+    return names
 
 
 def source_parameter_name(source: str, *, buffers: bool = False) -> str | None:

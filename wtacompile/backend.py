@@ -17,12 +17,13 @@ import itertools
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from wtacompile._compat import graph_root_module
+from wtacompile._compat import graph_root_module, parameter_names
 from wtacompile.compiled_models import check_settings, ledger_for, owning_model
 from wtacompile.config import WTAConfig
 from wtacompile.lower import compile_graph
@@ -61,8 +62,9 @@ def wtacrs_backend(
         if model is not None:
             check_settings(config, model)
         budget = ledger_for(model, config.fingerprint()) if config.mem_gb is not None else None
+        names = MappingProxyType(parameter_names(model) if model is not None else {})
         state = run_passes(gm, CompileState(config, tuple(example_inputs), budget=budget,
-                                            name_prefix=_prefix_in(model, root)))
+                                            parameter_names=names))
         _warn_checkpointed(state.sites)
         report = GraphReport.build(graph_id, config.fingerprint(), True, state.sites, state.decisions)
         log.info("%s", report)
@@ -85,11 +87,3 @@ def _warn_checkpointed(sites) -> None:
             stacklevel=2,
         )
 
-
-def _prefix_in(model: torch.nn.Module | None, root: torch.nn.Module | None) -> str:
-    """``"bert."`` for a graph dynamo resumed inside ``model.bert`` after a graph break: its
-    parameter sources are relative to that submodule, while names in reports, plans and
-    include/exclude are the model's own (``model.named_parameters()``)."""
-    if model is None or root is None or model is root:
-        return ""
-    return next((name + "." for name, module in model.named_modules() if module is root), "")

@@ -95,6 +95,21 @@ def build_model(config, task: str, dtype: torch.dtype):
         return auto.from_config(config, torch_dtype=dtype)
 
 
+def with_lora(model, rank: int, alpha: float | None, targets: str):
+    """``model`` wrapped by PEFT with LoRA adapters (``peft.get_peft_model``): the base is frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise SystemExit("--lora-rank builds the adapters with PEFT: pip install peft") from None
+    target_modules = targets if targets == "all-linear" else [t for t in targets.split(",") if t]
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
+                        target_modules=target_modules, lora_dropout=0.0)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # e.g. no module matches the targets
+        raise SystemExit(f"--lora-targets: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wtacompile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,13 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-gb", type=_positive(float), required=True, help="memory budget in GB (1e9 bytes)")
     p.add_argument("--seq-len", type=_positive(int), default=2048)
     p.add_argument("--batch-size", type=_positive(int), default=None, help="default: the largest that fits")
-    p.add_argument("--lora-rank", type=_positive(int), default=None, help="plan LoRA adapters on a frozen base")
+    p.add_argument("--lora-rank", type=_positive(int), default=None,
+                   help="plan PEFT LoRA adapters of this rank on a frozen base")
+    p.add_argument("--lora-alpha", type=_positive(float), default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--lora-targets", default="all-linear",
+                   help="comma-separated module names to adapt (default: all-linear, PEFT's preset)")
     p.add_argument("--task", choices=TASKS, default="causal-lm")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adamw")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
     p.add_argument("--json", type=Path, help="also write the plan as JSON here")
+    p.add_argument("--plot", type=Path, help="also draw the plan here (PNG/SVG/PDF; needs matplotlib)")
     args = parser.parse_args(argv)
 
     from wtacompile.planning import plan
@@ -121,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     model = build_model(config, args.task, DTYPES[args.dtype])
     if args.lora_rank:
-        from wtacompile.lora import add_lora
-
-        add_lora(model, args.lora_rank)
+        model = with_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+    elif args.lora_alpha is not None or args.lora_targets != "all-linear":
+        p.error("--lora-alpha and --lora-targets need --lora-rank")
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{type(model).__name__}: {n_params / 1e9:.2f}B parameters, {n_train / 1e6:.1f}M trainable; "
@@ -135,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(planned in {time.perf_counter() - start:.1f} s)", file=sys.stderr)
     if args.json:
         args.json.write_text(result.to_json())
+    if args.plot:
+        result.plot(args.plot)
     return 0 if result.fits else 1
 
 

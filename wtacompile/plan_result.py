@@ -55,6 +55,13 @@ class Plan:
     advice: str = ""
     min_peak_bytes: int = 0  # predicted peak with every sampleable linear at the smallest ratio
 
+    def plot(self, path: str) -> None:
+        """Draw per-layer saved bytes (dense vs plan) and the peak breakdown against the budget to
+        ``path`` (PNG, SVG, PDF by suffix); needs matplotlib (``pip install 'wtacompile[plot]'``)."""
+        from wtacompile.plan_plot import plot_plan
+
+        plot_plan(self, path)
+
     def to_json(self) -> str:
         return json.dumps({"schema": PLAN_SCHEMA, **dataclasses.asdict(self)}, indent=1)
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 
 import torch
 
+from wtacompile._compat import parameter_names
 from wtacompile.config import WTAConfig
 from wtacompile.passes import ANALYSIS_PASSES, CompileState, run_passes
 
@@ -33,7 +35,9 @@ def capture_analyses(model: torch.nn.Module, example_inputs, config: WTAConfig,
 
     def capture_backend(gm, inputs):
         if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in inputs):
-            states.append(run_passes(gm, CompileState(config, tuple(inputs)), ANALYSIS_PASSES))
+            names = MappingProxyType(parameter_names(model))  # the fake twins swapped in now
+            states.append(run_passes(gm, CompileState(config, tuple(inputs), parameter_names=names),
+                                     ANALYSIS_PASSES))
         return gm.forward
 
     fake_mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from wtacompile.config import WTAConfig, check_mem_gb
 from wtacompile.estimator import DEFAULT_MIN_ROWS
@@ -41,6 +42,7 @@ def plan(
     min_rows: int = DEFAULT_MIN_ROWS,
     inner: str = "inductor",
     max_batch: int = 1 << 16,
+    world_size: int = 1,
 ) -> Plan:
     """Plan keep ratios so predicted peak memory fits ``mem_gb`` at the least gradient variance.
 
@@ -50,8 +52,14 @@ def plan(
     from the model's config at ``batch_size`` × ``seq_len``. With ``batch_size=None`` the plan is
     for the largest batch that fits with sampling. A budget that cannot be met gives a plan with
     ``fits=False`` and advice.
+
+    ``world_size`` plans one rank of fully sharded data-parallel training (FSDP2 ``fully_shard``,
+    ZeRO-3): parameters, gradients and optimizer state are split ``world_size`` ways; each rank
+    keeps the activations of its own batch (``batch_size`` is per rank). The all-gathered
+    parameters of the units in flight are not counted. For DDP leave it at 1 (nothing is sharded).
+    A model wrapped by PEFT (``get_peft_model``) plans its adapters on the frozen base.
     """
-    _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch)
+    _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size)
     config = WTAConfig(keep_ratio=0.3, min_rows=min_rows, include=include, exclude=exclude,
                        inner=inner, optimizer=optimizer)
     budget = int(mem_gb * 1e9)
@@ -64,9 +72,22 @@ def plan(
         trace_batch = batch_size or 2  # 2: batch sizes 0 and 1 are never symbolic
         inputs = default_example_inputs(model, trace_batch, seq_len)
     search = batch_size is None
-    states = capture_analyses(model, inputs, config, trace_batch if search else None)
+    # A 7B-shaped model traces for tens of seconds: say what is happening (silent off a terminal).
+    with tqdm(total=3, desc="wtacompile.plan", unit="stage", disable=None, leave=False) as progress:
+        progress.set_postfix_str("tracing and analysing the training graphs")
+        states = capture_analyses(model, inputs, config, trace_batch if search else None)
+        progress.update()
+        progress.set_postfix_str("searching the largest batch" if search else "solving")
+        plan = _solve_plan(model, states, budget, mem_gb, batch_size, seq_len, trace_batch, optimizer,
+                           menu, min_rows, max_batch, world_size)
+        progress.update(2)
+    return plan
+
+
+def _solve_plan(model, states, budget, mem_gb, batch_size, seq_len, trace_batch, optimizer, menu,
+                min_rows, max_batch, world_size) -> Plan:
     mm = MemoryModel(
-        *parameter_bytes(model.parameters(), optimizer),
+        *(-(-nbytes // world_size) for nbytes in parameter_bytes(model.parameters(), optimizer)),
         graphs=tuple(s.analysis.memory for s in states),
         inputs=tuple(i for gi, s in enumerate(states)
                      for i in s.analysis.sampleable_inputs(s.sites, prefix=f"{gi}:")),
@@ -102,13 +123,14 @@ def plan(
     )
 
 
-def _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch) -> None:
+def _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size) -> None:
     """One ``ValueError`` per bad argument, naming the fix, before any tracing."""
     check_mem_gb(mem_gb)
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_batch", max_batch)):
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_batch", max_batch),
+                        ("world_size", world_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int"
-                             + (" or None" if name != "max_batch" else "") + f", got {value!r}")
+                             + (" or None" if name in ("batch_size", "seq_len") else "") + f", got {value!r}")
     if example_inputs is not None:
         if not isinstance(example_inputs, (Mapping, tuple, list)):
             raise ValueError("example_inputs must be a dict of keyword inputs or a tuple of positional "
