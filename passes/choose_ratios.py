@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from wtacompile.compiled_models import BudgetLedger
-from wtacompile.memory_model import MemoryModel, compact_bytes, parameter_bytes
+from wtacompile.memory_model import MemoryModel, compact_bytes, format_bytes, parameter_bytes
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, SKIPPED, InputGroup, LinearSite, SiteDecision
 from wtacompile.solver import DEFAULT_MENU, solve
 from .compile_state import CompileState
@@ -115,7 +115,7 @@ def _budget_ratios(state: CompileState) -> dict[str, float]:
         needed = max(model.fixed_at(None) + solution.min_bytes, model.step_peak())
         raise ValueError(
             f"wtacrs: mem_gb={config.mem_gb:g} cannot be met: this graph needs about "
-            f"{(committed + needed) / 1e9:.2f} GB even at keep ratio {min(DEFAULT_MENU)}. "
+            f"{format_bytes(committed + needed)} even at keep ratio {min(DEFAULT_MENU)}. "
             "Use a smaller batch, freeze layers or add LoRA, or raise mem_gb; "
             "wtacompile.plan(model, mem_gb) shows the breakdown."
         )

@@ -129,3 +129,18 @@ def test_world_size_shards_parameter_state():
     for part in ("parameters", "gradients", "optimizer"):
         assert four.breakdown[part] == -(-one.breakdown[part] // 4)
     assert four.breakdown["activations"] == one.breakdown["activations"]  # per rank, unsharded
+
+
+def test_plan_too_big_for_one_device_names_the_fsdp_world_size():
+    import re
+
+    model, _ = build("llama")
+    one = wtacompile.plan(model, 1.0, batch_size=1, seq_len=4, inner="aot_eager")
+    budget = one.peak_bytes * 0.5 / 1e9  # the parameter state is most of this tiny model's peak
+    small = wtacompile.plan(model, budget, batch_size=1, seq_len=4, inner="aot_eager")
+    assert not small.fits and "0.0 GB" not in small.advice and "kB" in small.advice
+    world_size = int(re.search(r"world_size=(\d+)", small.advice).group(1))
+    assert wtacompile.plan(model, budget, batch_size=1, seq_len=4, inner="aot_eager",
+                           world_size=world_size).fits
+    assert not wtacompile.plan(model, budget, batch_size=1, seq_len=4, inner="aot_eager",
+                               world_size=world_size // 2).fits  # the smallest that fits

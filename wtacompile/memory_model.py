@@ -43,6 +43,7 @@ __all__ = [
     "SampleableInput",
     "Size",
     "compact_bytes",
+    "format_bytes",
     "parameter_bytes",
 ]
 
@@ -123,6 +124,14 @@ class SampleableInput:
         first = self.readers[0]
         return compact_bytes(max(1, round(first.rows * scale)), first.in_features, first.itemsize,
                              ratio, min_rows)
+
+
+def format_bytes(nbytes: float) -> str:
+    """Bytes in the unit that reads best (decimal, as budgets are: 1 GB = 1e9 bytes)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{int(nbytes)} bytes"
 
 
 def compact_bytes(rows: int, in_features: int, itemsize: int, ratio: float, min_rows: int) -> int:

@@ -9,6 +9,7 @@ figures assume proportional scaling from it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from wtacompile.config import WTAConfig, check_mem_gb
 from wtacompile.estimator import DEFAULT_MIN_ROWS
-from wtacompile.memory_model import MemoryModel, parameter_bytes
+from wtacompile.memory_model import MemoryModel, format_bytes, parameter_bytes
 from wtacompile.passes import CompileState
 from wtacompile.sites import FREES
 from wtacompile.solver import DEFAULT_MENU, Solution, solve
@@ -118,7 +119,8 @@ def _solve_plan(model, states, budget, mem_gb, batch_size, seq_len, trace_batch,
         },
         layers=_layers(mm, states, solution, batch),
         optimizer=optimizer,
-        advice="" if fits else _advice(mm, budget, batch, need, sampled_max, menu),
+        advice="" if fits else _advice(mm, budget, batch, need, sampled_max, menu,
+                                       _fsdp_worldformat_bytes(mm, model, optimizer, world_size, budget, batch, menu)),
         min_peak_bytes=need,
     )
 
@@ -181,15 +183,35 @@ def _layers(mm: MemoryModel, states: list[CompileState], solution: Solution, bat
     return tuple(layers)
 
 
-def _advice(mm: MemoryModel, budget: int, batch: int, need: int, sampled_max: int, menu) -> str:
+def _fsdp_worldformat_bytes(mm: MemoryModel, model, optimizer: str, world_size: int, budget: int,
+                     batch: int, menu, limit: int = 1024) -> int | None:
+    """The smallest FSDP world size (a power of two above ``world_size``, at most ``limit``) at
+    which batch ``batch`` per rank fits, re-solving the same memory model with the parameter
+    state sharded; ``None`` if none does (activations alone are too large)."""
+    full = parameter_bytes(model.parameters(), optimizer)
+    ws = world_size * 2
+    while ws <= limit:
+        sharded = dataclasses.replace(mm, **dict(zip(("parameters", "gradients", "optimizer", "step_temporaries"),
+                                                     (-(-n // ws) for n in full))))
+        if (solve(sharded.choices_at(batch, menu), budget - sharded.fixed_at(batch)).feasible
+                and sharded.step_peak() <= budget):
+            return ws
+        ws *= 2
+    return None
+
+
+def _advice(mm: MemoryModel, budget: int, batch: int, need: int, sampled_max: int, menu,
+            fsdp_world_size: int | None = None) -> str:
+    fsdp = (f"; or FSDP over {fsdp_world_size} devices (plan(..., world_size={fsdp_world_size}))"
+            if fsdp_world_size else "")
     if mm.step_peak() > budget:
-        hint = (f"LoRA, frozen layers or lower-precision weights (parameters, gradients and "
-                f"optimizer state alone need {mm.step_peak() / 1e9:.1f} GB)")
+        hint = (f"LoRA (peft), frozen layers or lower-precision weights (parameters, gradients and "
+                f"optimizer state alone need {format_bytes(mm.step_peak())}){fsdp}")
     elif sampled_max >= 1:
-        hint = f"a batch of at most {sampled_max}"
+        hint = f"a batch of at most {sampled_max}{fsdp}"
     else:
-        hint = "shorter sequences, activation checkpointing or a larger budget"
-    return (f"Does not fit: batch {batch} needs at least {need / 1e9:.1f} GB even at "
+        hint = f"shorter sequences, activation checkpointing or a larger budget{fsdp}"
+    return (f"Does not fit: batch {batch} needs at least {format_bytes(need)} even at "
             f"the smallest keep ratio {min(menu)}; try {hint}.")
 
 
