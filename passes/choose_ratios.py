@@ -21,18 +21,21 @@ Returns the state with ``decisions``: one :class:`~wtacompile.sites.SiteDecision
 from __future__ import annotations
 
 import dataclasses
+import logging
 from types import MappingProxyType
 
 import torch
 import torch.fx as fx
 
 from wtacompile.compiled_models import BudgetLedger
-from wtacompile.memory_model import MemoryModel, compact_bytes, format_bytes, parameter_bytes
+from wtacompile.memory_model import INDEX_BYTES, MemoryModel, compact_bytes, format_bytes, parameter_bytes
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, SKIPPED, InputGroup, LinearSite, SiteDecision
 from wtacompile.solver import DEFAULT_MENU, solve
 from .compile_state import CompileState
 
 __all__ = ["MIN_OUTPUTS_FOR_SPEED", "choose_ratios"]
+
+log = logging.getLogger("wtacompile")
 
 #: Σ out_features of the linears sharing an input below which sampling it only for speed does not
 #: pay: the draw (row norms, selection, gather) costs about as much as a GEMM this narrow saves.
@@ -73,13 +76,16 @@ def _decide_group(group: InputGroup, sites: list[LinearSite], ratios: dict[str, 
                                                      ratio, min_rows)
     verdict, reason, sampled = group.verdict, group.reason, False
     if verdict == FREES:
-        # Under dynamic shapes one graph serves every length: k ≤ N, so the rows never outweigh
-        # the input, and they free (1 - ratio) of it wherever N exceeds min_rows / ratio.
-        sampled = freed > 0 or first.dynamic_rows
+        # Under dynamic shapes one graph serves every length: judge it where N is large (k ≈ rN),
+        # by bytes per row — r·(D·itemsize + 8 index bytes) against D·itemsize.
+        row_bytes = first.in_features * first.itemsize
+        frees_when_long = first.dynamic_rows and ratio * (row_bytes + INDEX_BYTES) < row_bytes
+        sampled = freed > 0 or frees_when_long
         if not sampled:
             verdict, reason = ADDS_MEMORY, "the compact rows would outweigh the input they replace"
         elif freed <= 0:
-            reason += f"; at the traced {first.rows} rows all are kept (min_rows), longer inputs free"
+            reason += (f"; at the traced {first.rows} rows all are kept (min_rows); longer inputs, "
+                       "which this dynamic graph also serves, free")
     elif verdict == FREES_NOTHING:
         # Memory-neutral: worth it only where the weight-gradient GEMMs dwarf the sampling work.
         sampled = sum(s.out_features for s in sites) >= MIN_OUTPUTS_FOR_SPEED
@@ -119,5 +125,26 @@ def _budget_ratios(state: CompileState) -> dict[str, float]:
             "Use a smaller batch, freeze layers or add LoRA, or raise mem_gb; "
             "wtacompile.plan(model, mem_gb) shows the breakdown."
         )
-    ledger.commit(key, model.peak(None, solution.ratios))
-    return solution.ratios
+    ratios = dict(solution.ratios)
+    if any(site.dynamic_rows for site in state.sites):
+        ratios = _no_larger_than_before(ratios, state, ledger.earlier_ratios(key))
+    weights = {w: ratios.get(g.root, 1.0) for g in state.analysis.groups for w in g.weights}
+    ledger.commit(key, model.peak(None, ratios), weights)
+    return ratios
+
+
+def _no_larger_than_before(ratios: dict[str, float], state: CompileState,
+                           earlier: dict[str, float]) -> dict[str, float]:
+    """A dynamic-shape recompile is solved at the length that triggered it — often a short last
+    batch, where everything fits exact — yet serves every length after it. Keep each input's
+    ratio no larger than the earlier compile of this graph chose at its (longer) length."""
+    log.warning("wtacrs mem_gb under dynamic shapes: the budget is fitted at the traced lengths "
+                "(and no ratio rises above an earlier compile's); inputs longer than any compiled "
+                "may exceed it. For a hard bound plan at the longest length: "
+                "options={'plan': wtacompile.plan(model, mem_gb, seq_len=...)}")
+    bounded = dict(ratios)
+    for group in state.analysis.groups:
+        before = [earlier[w] for w in group.weights if w in earlier]
+        if before:
+            bounded[group.root] = min(bounded.get(group.root, 1.0), min(before))
+    return bounded

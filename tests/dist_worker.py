@@ -29,7 +29,10 @@ def main(rank: int, world_size: int, port: int, wrapper: str, out_dir: str) -> N
 
     torch.manual_seed(0)  # same initial weights on every rank
     model = nn.Sequential(MLP(), MLP())
-    options = {"inner": "aot_eager", "keep_ratio": 0.25}
+    # Ratios named as a plan of the bare model names them (DDP's are "module.0.up.weight"):
+    # sampling at all proves they reached the wrapped model's linears.
+    options = {"inner": "aot_eager", "keep_ratio": 1.0,
+               "keep_ratios": {f"{b}.{l}.weight": 0.25 for b in (0, 1) for l in ("up", "down")}}
     if wrapper == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
         compiled = torch.compile(model, backend="wtacrs", options=options)

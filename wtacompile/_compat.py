@@ -17,6 +17,7 @@ import torch.fx as fx
 __all__ = [
     "aot_trace",
     "backed_values",
+    "compile_isolated",
     "dynamo_origin",
     "evaluate_at",
     "is_storage_view",
@@ -55,6 +56,18 @@ def placeholder_source(node: fx.Node) -> str | None:
         return None
     name = grapharg.source.name
     return name() if callable(name) else name
+
+
+def compile_isolated(model, backend):
+    """``torch.compile(model, backend=backend)`` whose cache entries live in a region of their own
+    (``isolate_recompiles``, recent torch), so they neither count against nor touch the recompile
+    limits of the user's compiled functions. Older torch: a plain compile — dynamo's backend-match
+    check still keeps the entries apart, but they share the per-code recompile limit."""
+    import inspect
+
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        return torch.compile(model, backend=backend, dynamic=None, isolate_recompiles=True)
+    return torch.compile(model, backend=backend, dynamic=None)
 
 
 def unwrap_compiled(obj):

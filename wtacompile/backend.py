@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from wtacompile._compat import graph_root_module, parameter_names
-from wtacompile.compiled_models import check_settings, ledger_for, owning_model
+from wtacompile.compiled_models import align_settings, ledger_for, owning_model
 from wtacompile.config import WTAConfig
 from wtacompile.lower import compile_graph
 from wtacompile.passes import CompileState, run_passes
@@ -60,7 +60,7 @@ def wtacrs_backend(
         root = graph_root_module(gm)
         model = owning_model(root)
         if model is not None:
-            check_settings(config, model)
+            config = align_settings(config, model)
         budget = ledger_for(model, config.fingerprint()) if config.mem_gb is not None else None
         names = MappingProxyType(parameter_names(model) if model is not None else {})
         state = run_passes(gm, CompileState(config, tuple(example_inputs), budget=budget,

@@ -95,15 +95,19 @@ def build_model(config, task: str, dtype: torch.dtype):
         return auto.from_config(config, torch_dtype=dtype)
 
 
-def with_lora(model, rank: int, alpha: float | None, targets: str):
-    """``model`` wrapped by PEFT with LoRA adapters (``peft.get_peft_model``): the base is frozen."""
+PEFT_TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
+
+
+def with_lora(model, rank: int, alpha: float | None, targets: str, task: str | None = None):
+    """``model`` wrapped by PEFT with LoRA adapters (``peft.get_peft_model``): the base is frozen
+    (a classifier head stays trainable for ``seq-cls``, as PEFT's task type keeps it)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise SystemExit("--lora-rank builds the adapters with PEFT: pip install peft") from None
     target_modules = targets if targets == "all-linear" else [t for t in targets.split(",") if t]
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
-                        target_modules=target_modules, lora_dropout=0.0)
+                        target_modules=target_modules, lora_dropout=0.0, task_type=PEFT_TASKS.get(task))
     try:
         return get_peft_model(model, config)
     except ValueError as err:  # e.g. no module matches the targets
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     model = build_model(config, args.task, DTYPES[args.dtype])
     if args.lora_rank:
-        model = with_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+        model = with_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets, args.task)
     elif args.lora_alpha is not None or args.lora_targets != "all-linear":
         p.error("--lora-alpha and --lora-targets need --lora-rank")
     n_params = sum(p.numel() for p in model.parameters())

@@ -10,13 +10,15 @@ ones compiled with the same options.
 predicts; the next graph plans within what is left. A recompile of a graph (same parameters)
 replaces its entry.
 
-**Settings.** ``keep_ratios`` (or a plan) naming weights the model does not have is an error, and
-``include``/``exclude`` patterns that match none of its parameters are a warning, on the first
-graph of a model: a BERT plan applied to a Llama must not train dense without a word.
+**Settings.** ``keep_ratios`` (or a plan) made on the bare model are renamed to the compiled
+model's names (DDP's ``module.`` prefix); naming none of its weights is an error, naming some it
+lacks or ``include``/``exclude`` patterns that match none of its parameters a warning: a BERT plan
+applied to a Llama must not train dense without a word.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import sys
@@ -27,7 +29,7 @@ import torch
 
 from wtacompile._compat import unwrap_compiled
 
-__all__ = ["BudgetLedger", "check_settings", "ledger_for", "owning_model"]
+__all__ = ["BudgetLedger", "align_settings", "ledger_for", "owning_model"]
 
 log = logging.getLogger("wtacompile")
 
@@ -37,13 +39,20 @@ class BudgetLedger:
 
     def __init__(self) -> None:
         self._graphs: dict[frozenset[int], int] = {}
+        self._ratios: dict[frozenset[int], dict[str, float]] = {}
 
     def committed_by_others(self, graph: frozenset[int]) -> int:
         """What the model's other graphs committed (a recompile of ``graph`` replaces its own)."""
         return sum(nbytes for key, nbytes in self._graphs.items() if key != graph)
 
-    def commit(self, graph: frozenset[int], nbytes: int) -> None:
+    def earlier_ratios(self, graph: frozenset[int]) -> dict[str, float]:
+        """Keep ratios (per weight) an earlier compile of ``graph`` chose; empty if none."""
+        return dict(self._ratios.get(graph, {}))
+
+    def commit(self, graph: frozenset[int], nbytes: int, ratios: dict[str, float] | None = None) -> None:
         self._graphs[graph] = nbytes
+        if ratios is not None:
+            self._ratios[graph] = dict(ratios)
 
 
 _LEDGERS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, BudgetLedger]] = weakref.WeakKeyDictionary()
@@ -63,20 +72,24 @@ def owning_model(root: torch.nn.Module | None) -> torch.nn.Module | None:
 
 
 def _outermost_caller_owning(root: torch.nn.Module) -> torch.nn.Module:
-    """The outermost module on the Python call stack that has ``root`` among its modules.
+    """The model ``root`` is part of, from the Python call stack: the module ``torch.compile``
+    wrapped if its ``OptimizedModule`` is a caller, else the outermost caller's ``self`` that has
+    ``root`` among its modules.
 
     The first graph dynamo hands us may start inside a submodule (the model's own frame broke
-    before any parameter was used, e.g. on a logging call); the model whose ``forward`` is running
-    it is still on the stack as a caller's ``self``.
+    before any parameter was used, e.g. on a logging call; or each block was compiled in place
+    for FSDP2); the model whose ``forward`` runs it is still on the stack.
     """
     owner = root
     frame = sys._getframe(1)
     while frame is not None:
-        candidate = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-        candidate = unwrap_compiled(candidate)  # torch.compile's wrapper: names are the model's
+        caller = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        candidate = unwrap_compiled(caller)
         if (isinstance(candidate, torch.nn.Module) and candidate is not owner
                 and any(module is owner for module in candidate.modules())):
             owner = candidate
+            if candidate is not caller:  # what the user compiled: callers above are not the model
+                break
         frame = frame.f_back
     return owner
 
@@ -90,21 +103,29 @@ def ledger_for(model: torch.nn.Module | None, fingerprint: str) -> BudgetLedger:
     return _LEDGERS.setdefault(model, {}).setdefault(fingerprint, BudgetLedger())
 
 
-def check_settings(config, model: torch.nn.Module) -> None:
-    """``keep_ratios`` (or a plan) naming no weight of ``model`` is a ``ValueError``; naming some it
-    does not have, or ``include``/``exclude`` patterns matching none of its parameters, a warning.
+def align_settings(config, model: torch.nn.Module):
+    """``config`` with its ``keep_ratios`` named as ``model`` names its parameters.
 
-    ``model`` may be a submodule standing for the whole model (the first graph dynamo compiled
-    started inside it), so a name also counts as matched where one is a dotted suffix of the other.
+    A plan made on the bare model names ``0.up.weight``; under a wrapper (DDP's ``module.``, a
+    training module holding the model) the same parameter is ``module.0.up.weight``. Each name
+    that is not one of ``model``'s is matched to the single parameter name it is a dotted suffix
+    of (or that is a dotted suffix of it) and renamed; a name matching none, or several, is not.
+
+    Raises ``ValueError`` if no name matches (a plan for another model); warns for names that do
+    not, and for ``include``/``exclude`` patterns matching no parameter.
     """
     names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
     known = set(names)
 
-    def matched(weight: str) -> bool:
-        weight = weight.split("#")[0]
-        return weight in known or any(weight.endswith("." + n) or n.endswith("." + weight) for n in names)
+    def aligned(weight: str) -> str | None:
+        base, sep, use = weight.partition("#")
+        if base in known:
+            return weight
+        candidates = [n for n in names if n.endswith("." + base) or base.endswith("." + n)]
+        return candidates[0] + sep + use if len(candidates) == 1 else None
 
-    missing = [w for w, _ in config.keep_ratios if not matched(w)]
+    renamed = {w: aligned(w) for w, _ in config.keep_ratios}
+    missing = [w for w, name in renamed.items() if name is None]
     example = ", ".join(n for n in names if n.endswith(".weight"))[:160]
     if missing and len(missing) == len(config.keep_ratios):
         raise ValueError(
@@ -115,10 +136,15 @@ def check_settings(config, model: torch.nn.Module) -> None:
         )
     if missing:
         warnings.warn(f"wtacrs: keep_ratios name {len(missing)} weight(s) this {type(model).__name__} "
-                      f"does not have, ignored: {', '.join(missing[:5])}", stacklevel=2)
+                      f"does not have (or has several of), ignored: {', '.join(missing[:5])}",
+                      stacklevel=2)
     for kind in ("include", "exclude"):
         unmatched = [p for p in getattr(config, kind) if not any(fnmatch.fnmatchcase(n, p) for n in names)]
         if unmatched:
             warnings.warn(f"wtacrs: {kind} pattern(s) {', '.join(map(repr, unmatched))} match no "
                           f"parameter of this {type(model).__name__} (names look like {names[0]!r})",
                           stacklevel=2)
+    if all(name == weight for weight, name in renamed.items() if name is not None):
+        return config
+    ratios = {renamed[w]: r for w, r in config.keep_ratios if renamed[w] is not None}
+    return dataclasses.replace(config, keep_ratios=tuple(sorted(ratios.items())))

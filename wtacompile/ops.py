@@ -113,15 +113,15 @@ class _SampledGradLinear(torch.autograd.Function):
 
 
 def _nonfinite_marker(grad_2d: torch.Tensor) -> torch.Tensor:
-    """``0`` if every entry of ``dY`` is finite, else ``NaN`` (a 0-d tensor; no host sync).
+    """``0`` if every entry of ``dY`` is finite, else ``NaN`` (a 0-d float32 tensor; no host sync).
 
     Rows that are not drawn never reach ``G[index]ᵀ x_saved``; an Inf/NaN in one of them would
     vanish from ``dW`` where the dense gradient carries it on to ``GradScaler``'s overflow check.
-    ``0 · Σ G`` is ``0`` for finite ``G`` and ``NaN`` otherwise (``0 · ±Inf``, ``0 · NaN``); the sum
-    accumulates in float32, so a finite fp16/bf16 ``G`` cannot overflow it. One read of ``G``,
-    beside the exact ``dX`` GEMM that reads all of it anyway.
+    ``0·max G + 0·min G`` is ``0`` for finite ``G`` and ``NaN`` otherwise (``max``/``min``
+    propagate NaN, ``+Inf`` is the max, ``-Inf`` the min, and ``0·±Inf`` is NaN). Unlike a sum,
+    extremes cannot overflow, whatever the dtype. Two reductions over ``G``, no temporary.
     """
-    return grad_2d.sum(dtype=torch.float32) * 0.0
+    return grad_2d.amax().float() * 0.0 + grad_2d.amin().float() * 0.0
 
 
 def linear_with_sampled_grad(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 import torch
 
-from wtacompile._compat import parameter_names
+from wtacompile._compat import compile_isolated, parameter_names
 from wtacompile.config import WTAConfig
 from wtacompile.passes import ANALYSIS_PASSES, CompileState, run_passes
 
@@ -61,7 +61,7 @@ def capture_analyses(model: torch.nn.Module, example_inputs, config: WTAConfig,
     # compiled functions keep their entries (another backend's entries never match ours, and ours
     # never count against their recompile limit), so nothing of theirs recompiles afterwards.
     with _fake_parameters(model, fake_mode), torch.enable_grad(), fake_mode:
-        torch.compile(model, backend=capture_backend, dynamic=None, isolate_recompiles=True)(*args, **kwargs)
+        compile_isolated(model, capture_backend)(*args, **kwargs)
     if not states:
         raise ValueError("plan(): the model produced no training graph (nothing requires grad?)")
     return states
