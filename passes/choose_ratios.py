@@ -55,8 +55,7 @@ def choose_ratios(gm: fx.GraphModule, state: CompileState) -> CompileState:
     if state.config.mem_gb is None:
         ratios = {w: sites[w].requested_ratio for g in analysis.groups for w in g.weights}
     else:  # the solver decides the inputs sampling frees; the others stay exact
-        solved = _budget_ratios(state)
-        ratios = {w: solved.get(g.root, 1.0) for g in analysis.groups for w in g.weights}
+        ratios = _budget_ratios(state)
     for group in analysis.groups:
         decisions.update(_decide_group(group, [sites[w] for w in group.weights], ratios,
                                        state.config.min_rows))
@@ -99,7 +98,7 @@ def _decide_group(group: InputGroup, sites: list[LinearSite], ratios: dict[str, 
 
 
 def _budget_ratios(state: CompileState) -> dict[str, float]:
-    """``mem_gb``: this graph's ratio per input root, under what the model's other graphs left of
+    """``mem_gb``: this graph's ratio per weight (one per input root), under what the model's other graphs left of
     the budget (``state.budget``; without a ledger the graph has it all), by the planner's memory
     model and solver evaluated at the traced shapes."""
     config = state.config
@@ -130,7 +129,7 @@ def _budget_ratios(state: CompileState) -> dict[str, float]:
         ratios = _no_larger_than_before(ratios, state, ledger.earlier_ratios(key))
     weights = {w: ratios.get(g.root, 1.0) for g in state.analysis.groups for w in g.weights}
     ledger.commit(key, model.peak(None, ratios), weights)
-    return ratios
+    return weights
 
 
 def _no_larger_than_before(ratios: dict[str, float], state: CompileState,

@@ -325,15 +325,17 @@ def test_plan_json_with_string_fits_is_refused():
 
 # 7. non-finite upstream gradients reach dW ------------------------------------------------------
 
+@pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
-def test_non_finite_grad_row_reaches_weight_grad(bad):
+def test_non_finite_grad_row_reaches_weight_grad(bad, with_bias):
     """Whichever rows are drawn, a non-finite dY entry makes dW non-finite, as dense dW would be:
     GradScaler then skips the step instead of applying a finite estimate."""
     for trial in range(10):
         torch.manual_seed(trial)
         x = torch.randn(64, 16)
         weight = torch.randn(8, 16, requires_grad=True)
-        y = wtacompile.sampled_linear(x, weight, None, keep_ratio=0.1, min_rows=1)
+        bias = torch.zeros(8, requires_grad=True) if with_bias else None
+        y = wtacompile.sampled_linear(x, weight, bias, keep_ratio=0.1, min_rows=1)
         grad = torch.ones_like(y)
         grad[(7 * trial) % 64, trial % 8] = bad
         y.backward(grad)

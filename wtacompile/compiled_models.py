@@ -38,21 +38,19 @@ class BudgetLedger:
     """Bytes committed by each graph of one model under one config, keyed by its parameters."""
 
     def __init__(self) -> None:
-        self._graphs: dict[frozenset[int], int] = {}
-        self._ratios: dict[frozenset[int], dict[str, float]] = {}
+        # graph (its parameters' ids) -> (bytes committed, keep ratio per weight)
+        self._graphs: dict[frozenset[int], tuple[int, dict[str, float]]] = {}
 
     def committed_by_others(self, graph: frozenset[int]) -> int:
         """What the model's other graphs committed (a recompile of ``graph`` replaces its own)."""
-        return sum(nbytes for key, nbytes in self._graphs.items() if key != graph)
+        return sum(nbytes for key, (nbytes, _) in self._graphs.items() if key != graph)
 
     def earlier_ratios(self, graph: frozenset[int]) -> dict[str, float]:
         """Keep ratios (per weight) an earlier compile of ``graph`` chose; empty if none."""
-        return dict(self._ratios.get(graph, {}))
+        return dict(self._graphs.get(graph, (0, {}))[1])
 
-    def commit(self, graph: frozenset[int], nbytes: int, ratios: dict[str, float] | None = None) -> None:
-        self._graphs[graph] = nbytes
-        if ratios is not None:
-            self._ratios[graph] = dict(ratios)
+    def commit(self, graph: frozenset[int], nbytes: int, ratios: dict[str, float]) -> None:
+        self._graphs[graph] = (nbytes, dict(ratios))
 
 
 _LEDGERS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, BudgetLedger]] = weakref.WeakKeyDictionary()
@@ -64,7 +62,7 @@ def owning_model(root: torch.nn.Module | None) -> torch.nn.Module | None:
     if root is None:
         return None
     for model in list(_LEDGERS.keys()):
-        if model is root or any(module is root for module in model.modules()):
+        if _contains(model, root):
             return model
     model = _outermost_caller_owning(root)
     _LEDGERS[model] = {}
@@ -85,13 +83,16 @@ def _outermost_caller_owning(root: torch.nn.Module) -> torch.nn.Module:
     while frame is not None:
         caller = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
         candidate = unwrap_compiled(caller)
-        if (isinstance(candidate, torch.nn.Module) and candidate is not owner
-                and any(module is owner for module in candidate.modules())):
+        if isinstance(candidate, torch.nn.Module) and candidate is not owner and _contains(candidate, owner):
             owner = candidate
             if candidate is not caller:  # what the user compiled: callers above are not the model
                 break
         frame = frame.f_back
     return owner
+
+
+def _contains(model: torch.nn.Module, module: torch.nn.Module) -> bool:
+    return any(m is module for m in model.modules())  # identity: modules may define __eq__
 
 
 def ledger_for(model: torch.nn.Module | None, fingerprint: str) -> BudgetLedger:

@@ -100,20 +100,26 @@ class _SampledGradLinear(torch.autograd.Function):
         if needs_x:
             grad_x = grad_out.matmul(weight)
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        if needs_b and ctx.has_bias:
+            grad_b = grad_2d.sum(0)
         if needs_w:
             # The gather-fused Triton GEMM where it runs; elsewhere plain ops, which Inductor
             # fuses with whatever produced grad_out.
             weight_grad = (kernels.sampled_weight_grad if kernels.uses_triton(grad_2d)
                            else kernels.sampled_weight_grad_reference)
             grad_w = weight_grad(grad_2d, index, x_saved).to(weight.dtype)
-            grad_w = grad_w + _nonfinite_marker(grad_2d).to(grad_w.dtype)
-        if needs_b and ctx.has_bias:
-            grad_b = grad_2d.sum(0)
+            # db's column sums already carry any non-finite dY entry: read out values, not N·out.
+            grad_w = grad_w + _nonfinite_marker(grad_b if grad_b is not None else grad_2d).to(grad_w.dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
-def _nonfinite_marker(grad_2d: torch.Tensor) -> torch.Tensor:
-    """``0`` if every entry of ``dY`` is finite, else ``NaN`` (a 0-d float32 tensor; no host sync).
+def _nonfinite_marker(grad: torch.Tensor) -> torch.Tensor:
+    """``0`` if every entry of ``grad`` is finite, else ``NaN`` (a 0-d float32 tensor; no host sync).
+
+    ``grad`` is ``dY``, or ``db = Σ_i G_i`` where the linear has a bias: a non-finite entry of a
+    column of ``dY`` makes that column's sum non-finite, and ``db`` is ``out`` values, not ``N·out``.
+    (A finite fp16 ``dY`` whose column sum overflows makes ``db`` Inf too; the step is skipped by
+    ``GradScaler`` on ``db`` whatever ``dW`` holds.)
 
     Rows that are not drawn never reach ``G[index]ᵀ x_saved``; an Inf/NaN in one of them would
     vanish from ``dW`` where the dense gradient carries it on to ``GradScaler``'s overflow check.
@@ -121,7 +127,7 @@ def _nonfinite_marker(grad_2d: torch.Tensor) -> torch.Tensor:
     propagate NaN, ``+Inf`` is the max, ``-Inf`` the min, and ``0·±Inf`` is NaN). Unlike a sum,
     extremes cannot overflow, whatever the dtype. Two reductions over ``G``, no temporary.
     """
-    return grad_2d.amax().float() * 0.0 + grad_2d.amin().float() * 0.0
+    return grad.amax().float() * 0.0 + grad.amin().float() * 0.0
 
 
 def linear_with_sampled_grad(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -87,8 +87,9 @@ def plan(
 
 def _solve_plan(model, states, budget, mem_gb, batch_size, seq_len, trace_batch, optimizer, menu,
                 min_rows, max_batch, world_size) -> Plan:
+    unsharded = parameter_bytes(model.parameters(), optimizer)
     mm = MemoryModel(
-        *(-(-nbytes // world_size) for nbytes in parameter_bytes(model.parameters(), optimizer)),
+        *_sharded(unsharded, world_size),
         graphs=tuple(s.analysis.memory for s in states),
         inputs=tuple(i for gi, s in enumerate(states)
                      for i in s.analysis.sampleable_inputs(s.sites, prefix=f"{gi}:")),
@@ -120,7 +121,7 @@ def _solve_plan(model, states, budget, mem_gb, batch_size, seq_len, trace_batch,
         layers=_layers(mm, states, solution, batch),
         optimizer=optimizer,
         advice="" if fits else _advice(mm, budget, batch, need, sampled_max, menu,
-                                       _fsdp_worldformat_bytes(mm, model, optimizer, world_size, budget, batch, menu)),
+                                       _fsdp_world_size(mm, unsharded, world_size, budget, batch, menu)),
         min_peak_bytes=need,
     )
 
@@ -183,16 +184,21 @@ def _layers(mm: MemoryModel, states: list[CompileState], solution: Solution, bat
     return tuple(layers)
 
 
-def _fsdp_worldformat_bytes(mm: MemoryModel, model, optimizer: str, world_size: int, budget: int,
+def _sharded(parameter_state: tuple[int, ...], world_size: int) -> tuple[int, ...]:
+    """Parameters, gradients, optimizer state and step temporaries of one of ``world_size`` FSDP
+    ranks (each split evenly, rounded up)."""
+    return tuple(-(-nbytes // world_size) for nbytes in parameter_state)
+
+
+def _fsdp_world_size(mm: MemoryModel, unsharded: tuple[int, ...], world_size: int, budget: int,
                      batch: int, menu, limit: int = 1024) -> int | None:
     """The smallest FSDP world size (a power of two above ``world_size``, at most ``limit``) at
     which batch ``batch`` per rank fits, re-solving the same memory model with the parameter
     state sharded; ``None`` if none does (activations alone are too large)."""
-    full = parameter_bytes(model.parameters(), optimizer)
     ws = world_size * 2
     while ws <= limit:
         sharded = dataclasses.replace(mm, **dict(zip(("parameters", "gradients", "optimizer", "step_temporaries"),
-                                                     (-(-n // ws) for n in full))))
+                                                     _sharded(unsharded, ws))))
         if (solve(sharded.choices_at(batch, menu), budget - sharded.fixed_at(batch)).feasible
                 and sharded.step_peak() <= budget):
             return ws
