@@ -52,7 +52,8 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     config = state.config
     dense = trace_partition(gm, config)
     parameters = joint_parameter_inputs(gm, dense.joint)
-    memory = graph_memory(dense, parameters, Sizer(dense.joint, parameters))
+    dense_sizer = Sizer(dense.joint, parameters)
+    memory = graph_memory(dense, parameters, dense_sizer)
     candidates = [site for site in state.sites if site.skip_reason is None]
     if not candidates:
         return dataclasses.replace(state, analysis=SavingsAnalysis((), (), memory))
@@ -60,8 +61,10 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     trial = copy_module(gm)
     rewritten = rewrite_sites(trial, candidates, {s.weight: s.requested_ratio for s in candidates}, config)
     expose_samples(trial)  # as the real compile will: the draw stays in forward
-    sampled = trace_partition(trial, config)
-    groups = _group_by_input(dense, sampled, rewritten, Sizer(sampled.joint, parameters))
+    # Verdicts are structure, not sizes: trace at the traced sizes (half the cost of a symbolic
+    # trace) and size each input from its twin in the dense trace.
+    sampled = trace_partition(trial, config, static=True)
+    groups = _group_by_input(dense, sampled, rewritten, dense_sizer)
     grouped = {w for group in groups for w in group.weights}
     untraced = tuple(s.weight for s in candidates if s.weight not in grouped)
     return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory))
@@ -69,9 +72,11 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
 
 def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: Rewritten,
                     sizer: Sizer) -> tuple[InputGroup, ...]:
+    """``sizer`` sizes nodes of the dense trace."""
     samples = rewritten.samples
     dense_keys = provenance_keys(dense.joint, {})
     dense_saved = {dense_keys[name] for name in dense.saved_roots if name in dense_keys}
+    dense_by_key = {key: dense.joint_nodes[name] for name, key in dense_keys.items()}
     keys = provenance_keys(sampled.joint, rewritten.renamed)
     saved = [sampled.joint_nodes[name] for name in sampled.saved_roots if name in sampled.joint_nodes]
     groups = []
@@ -82,7 +87,10 @@ def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: R
         root = _sampled_input(node, origin)
         compact_saved = any(dynamo_origin(n) == origin and n.meta["val"].dim() == 2 for n in saved)
         verdict, reason = _verdict(sampled, root.name, keys.get(root.name) in dense_saved, compact_saved)
-        groups.append(InputGroup(root.name, tuple(s.weight for s in samples[origin]), sizer(root),
+        twin = dense_by_key.get(keys.get(root.name))
+        if twin is None:
+            raise RuntimeError(f"wtacrs analysis: sampled input {root.name} has no twin in the dense trace")
+        groups.append(InputGroup(root.name, tuple(s.weight for s in samples[origin]), sizer(twin),
                                  verdict, reason))
     return tuple(groups)
 

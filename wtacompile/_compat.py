@@ -215,23 +215,51 @@ def evaluate_at(value: torch.SymInt, assignment: dict) -> int:
 # --------------------------------------------------------------------------- AOTAutograd
 
 
-def aot_trace(gm: fx.GraphModule, partition_fn, decompositions=None) -> None:
+def aot_trace(gm: fx.GraphModule, partition_fn, decompositions=None, *, static: bool = False) -> None:
     """Run ``gm`` through AOTAutograd once, calling ``partition_fn(joint, inputs, **kw)`` on its joint
     graph; nothing is compiled and nothing is left behind for the real compile.
 
     Example inputs are the placeholders' ``example_value`` s (dynamo's fake tensors); a fresh
     ``TracingContext`` over their fake mode keeps this trace's guards and metadata separate.
+    ``static=True`` traces a symbolic graph at its traced sizes instead (fresh fake tensors of
+    the hint shapes, symbolic scalars as their hints): about half the cost where only the
+    structure of the partition is wanted, not sizes as functions of the batch.
     """
     from torch._dynamo.backends.debugging import boxed_nop
     from torch._functorch.aot_autograd import aot_module_simplified
 
     example_inputs = [n.meta["example_value"] for n in gm.graph.find_nodes(op="placeholder")]
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if static and _has_symbols(example_inputs):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        example_inputs = [_static_twin(v, fake_mode) for v in example_inputs]
     with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
         aot_module_simplified(
             gm, example_inputs, fw_compiler=boxed_nop, bw_compiler=boxed_nop,
             partition_fn=partition_fn, decompositions=decompositions,
         )
+
+
+def _has_symbols(values) -> bool:
+    return any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(
+        isinstance(d, torch.SymInt) for d in (*v.shape, *v.stride()))) for v in values)
+
+
+def _static_twin(value, fake_mode):
+    """``value`` at its traced sizes, in ``fake_mode`` (parameters stay parameters)."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return scalar_hint(value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    with fake_mode:
+        twin = torch.empty_strided([size_hint(d) for d in value.shape],
+                                   [size_hint(d) for d in value.stride()],
+                                   dtype=value.dtype, device=value.device)
+    if isinstance(value, torch.nn.Parameter):
+        return torch.nn.Parameter(twin, requires_grad=value.requires_grad)
+    return twin.requires_grad_(value.requires_grad) if value.is_floating_point() or value.is_complex() else twin
 
 
 def primal_placeholders(joint: fx.GraphModule) -> list[fx.Node]:

@@ -37,6 +37,7 @@ from wtacompile.estimator import num_kept_rows
 from wtacompile.solver import GroupChoice
 
 __all__ = [
+    "Allocation",
     "GraphMemory",
     "MemoryModel",
     "Reader",
@@ -73,6 +74,15 @@ class Size:
     def __sub__(self, other: Size) -> Size:
         return Size(self.traced - other.traced, _combine(self.per_batch, other.per_batch, -1))
 
+    def __mul__(self, copies: int) -> Size:
+        return Size(self.traced * copies, None if self.per_batch is None else self.per_batch * copies)
+
+    def line(self, trace_batch: int) -> tuple[float, float]:
+        """``(intercept, slope)``: the size at batch ``b`` is ``intercept + slope·b``."""
+        if self.per_batch is None:
+            return 0.0, self.traced / trace_batch
+        return float(self.traced - self.per_batch * trace_batch), float(self.per_batch)
+
 
 def _combine(a: int | None, b: int | None, sign: int) -> int | None:
     if a is None and b is None:
@@ -86,11 +96,26 @@ ZERO = Size(0)
 
 
 @dataclass(frozen=True)
+class Allocation:
+    """One storage the backward graph allocates (or receives: saved tensors, tangents)."""
+
+    owner: str  # module path
+    size: Size
+    last_point: int | None  # the last point of the live curve it is alive at; None: returned
+    gradient_step: bool  # made by a gradient computation (not an input or a recomputed value)
+
+
+@dataclass(frozen=True)
 class GraphMemory:
     """One captured graph as the memory model sees it (dense partition, parameters excluded)."""
 
     activations: Size  # distinct storages saved for backward
     backward_live: tuple[Size, ...]  # live bytes after each allocation while the backward runs
+    # Which module each number belongs to (dotted module paths, "" for none), for composing a
+    # model from one traced block (wtacompile.planning.blocks): the module of each saved storage,
+    # and each backward allocation (one per point of backward_live).
+    saved_owners: tuple[tuple[str, Size], ...] = ()
+    allocations: tuple[Allocation, ...] = ()
 
     def backward_peak(self, batch: int | None, trace_batch: int) -> float:
         return max((s.at(batch, trace_batch) for s in self.backward_live), default=0)
@@ -224,3 +249,52 @@ class MemoryModel:
     def peak(self, batch: int | None, ratios: Mapping[str, float] = {}) -> int:
         train = self.resident() + self.planned_activations(batch, ratios) + self.transient(batch)
         return max(train, self.step_peak())
+
+    def peak_lines(self, ratio: float = 1.0) -> list[tuple[float, float]]:
+        """The training peak at batch ``b`` as ``max_j (c_j + s_j·b)``, ``(c_j, s_j)`` listed,
+        with every sampleable input at ``ratio`` (1.0: exact).
+
+        Exact for a symbolic trace with ``ratio=1.0``; with sampling, ``k = r·N`` rows stand for
+        ``max(⌈r·N⌉, min_rows)``, so the lines are a relaxation to be checked at the answer.
+        ``train(b) = resident + max(A(b), max_{g,p} (H_g(b) + p(b))) + Σ_i (c_i(b) − x_i(b))``
+        with ``A`` the saved activations, ``H_g`` those of the graphs before ``g``, ``p`` a point
+        of graph ``g``'s backward live curve, ``x_i`` a sampled input and ``c_i`` its compact rows.
+        """
+        def line(size: Size) -> tuple[float, float]:
+            return size.line(self.trace_batch)
+
+        shift_c, shift_s = float(self.resident()), 0.0
+        if ratio < 1.0:
+            for i in self.inputs:
+                c, s = line(i.input_bytes)
+                first = i.readers[0]
+                per_row = first.in_features * first.itemsize + INDEX_BYTES
+                shift_c -= c
+                shift_s += ratio * first.rows / self.trace_batch * per_row - s
+        pieces = [_sum_lines(line(g.activations) for g in self.graphs)]
+        held = (0.0, 0.0)
+        for graph in self.graphs:
+            pieces.extend((held[0] + c, held[1] + s) for c, s in map(line, graph.backward_live))
+            c, s = line(graph.activations)
+            held = (held[0] + c, held[1] + s)
+        return [(c + shift_c, s + shift_s) for c, s in pieces]
+
+    def batch_estimate(self, budget: int, ratio: float = 1.0) -> int:
+        """The largest batch whose :meth:`peak_lines` fit ``budget`` (0 if none; a large number
+        if no line grows). A first guess for the exact check: see :meth:`peak_lines`."""
+        if self.step_peak() > budget:
+            return 0
+        bound = float("inf")
+        for c, s in self.peak_lines(ratio):
+            if s > 0:
+                bound = min(bound, (budget - c) / s)
+            elif c > budget:
+                return 0
+        return 0 if bound < 1 else (1 << 62 if bound == float("inf") else int(bound))
+
+
+def _sum_lines(lines: Iterable[tuple[float, float]]) -> tuple[float, float]:
+    c = s = 0.0
+    for a, b in lines:
+        c, s = c + a, s + b
+    return c, s

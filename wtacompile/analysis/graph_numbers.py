@@ -7,6 +7,7 @@ one dimension carries it), read off by evaluating the numel expression at ``b₀
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import torch
@@ -20,10 +21,10 @@ from wtacompile._compat import (
     size_hint,
     storage_root,
 )
-from wtacompile.memory_model import GraphMemory, Size
+from wtacompile.memory_model import Allocation, GraphMemory, Size
 from .partition_trace import PartitionTrace
 
-__all__ = ["Sizer", "graph_memory", "provenance_keys"]
+__all__ = ["Sizer", "graph_memory", "module_path", "provenance_keys"]
 
 
 class Sizer:
@@ -73,16 +74,37 @@ def graph_memory(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer
     """The dense partition's saved activations and backward live-bytes curve, parameters excluded."""
     nodes = trace.joint_nodes
     zero = Size(0, 0 if sizer.symbolic else None)
-    saved = zero
+    saved, saved_owners = zero, []
     for name in sorted(trace.saved_roots - parameter_inputs):
         if name in nodes:
             saved = saved + sizer(nodes[name])
-    return GraphMemory(saved, _backward_live(trace, parameter_inputs, sizer, zero))
+            saved_owners.append((module_path(nodes[name]), sizer(nodes[name])))
+    live, allocations = _backward_live(trace, parameter_inputs, sizer, zero)
+    return GraphMemory(saved, live, tuple(saved_owners), allocations)
+
+
+_MODULE_DICT = re.compile(r"(?:__dict__\.)?_modules\.")  # a wrapper's module reached by __getattr__ (PEFT)
+_MODULE_KEY = re.compile(r"\._modules\['([^']*)'\]|\['([^']*)'\]|\[(\d+)\]")
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted path (as in ``named_modules()``) of the innermost module ``node`` was traced in:
+    a forward node's ``nn_module_stack``, a backward node's ``fwd_nn_module_stack``; "" if none."""
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
+    if not stack:
+        return ""
+    path = next(reversed(stack.values()))[0]
+    if path.startswith("L['self']"):
+        path = path[len("L['self']"):]
+    path = _MODULE_KEY.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
+    return _MODULE_DICT.sub("", path).lstrip(".")
 
 
 def _backward_live(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer, zero: Size
-                   ) -> tuple[Size, ...]:
-    """Live bytes after each allocation while the backward graph runs.
+                   ) -> tuple[tuple[Size, ...], tuple[Allocation, ...]]:
+    """Live bytes after each allocation while the backward graph runs, and the allocations.
+
+    An allocation without a module of its own belongs to its nearest user's (:func:`_owner`).
 
     Saved inputs and intermediates are freed after their last use (AOTAutograd's boxed calling
     convention clears its argument list); the gradients it returns stay. Views own no storage.
@@ -110,15 +132,35 @@ def _backward_live(trace: PartitionTrace, parameter_inputs: set[str], sizer: Siz
     def counted(node: fx.Node) -> bool:
         return isinstance(node.meta.get("val"), torch.Tensor) and node.name not in excluded
 
-    live, curve = zero, []
+    live, curve, made = zero, [], []
+    last_live: dict[fx.Node, int] = {}  # a released storage: the last point it was alive at
     for i, node in enumerate(nodes):
         if storage_root(node) is node and counted(node):
             live = live + sizer(node)
             curve.append(live)
+            made.append(node)
         for base in releases[i]:
             if counted(base):
                 live = live - sizer(base)
-    return tuple(curve)
+                last_live[base] = len(curve) - 1
+    allocations = tuple(
+        Allocation(_owner(node), sizer(node), last_live.get(node),
+                   gradient_step=node.op != "placeholder" and "nn_module_stack" not in node.meta)
+        for node in made)
+    return tuple(curve), allocations
+
+
+def _owner(node: fx.Node, depth: int = 4) -> str:
+    """``node``'s module, or that of the nearest user with one (a tangent, or a gradient sum
+    AOTAutograd adds outside any module, belongs to the module that consumes it)."""
+    frontier = [node]
+    for _ in range(depth + 1):
+        for candidate in frontier:
+            path = module_path(candidate)
+            if path:
+                return path
+        frontier = [user for candidate in frontier for user in candidate.users]
+    return ""
 
 
 def provenance_keys(joint: fx.GraphModule, renamed: dict[str, str]) -> dict[str, tuple]:

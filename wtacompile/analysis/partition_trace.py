@@ -48,8 +48,9 @@ class PartitionTrace:
         return {n.name: n for n in self.joint.graph.nodes}
 
 
-def trace_partition(gm: fx.GraphModule, config: WTAConfig) -> PartitionTrace:
-    """Trace ``gm`` (left unchanged) through AOTAutograd and return the partitioner's split."""
+def trace_partition(gm: fx.GraphModule, config: WTAConfig, *, static: bool = False) -> PartitionTrace:
+    """Trace ``gm`` (left unchanged) through AOTAutograd and return the partitioner's split;
+    ``static=True``: at the traced sizes even if ``gm`` is symbolic (see :func:`aot_trace`)."""
     from wtacompile.lower import pinned_min_cut_partition
 
     captured: list[PartitionTrace] = []
@@ -66,7 +67,7 @@ def trace_partition(gm: fx.GraphModule, config: WTAConfig) -> PartitionTrace:
         decompositions = select_decomp_table()
     traced = copy_module(gm)
     specialize_scalar_inputs(traced)
-    aot_trace(traced, recording_partition, decompositions)
+    aot_trace(traced, recording_partition, decompositions, static=static)
     if not captured:
         raise RuntimeError("wtacrs analysis: AOTAutograd produced no joint graph to partition")
     return captured[0]

@@ -10,6 +10,7 @@ figures assume proportional scaling from it.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from wtacompile.memory_model import MemoryModel, format_bytes, parameter_bytes
 from wtacompile.passes import CompileState
 from wtacompile.sites import FREES
 from wtacompile.solver import DEFAULT_MENU, Solution, solve
+from .blocks import compose_states, find_repeated_blocks, one_block_per_run
 from .capture import capture_analyses
 from .inputs import default_example_inputs
 from wtacompile.plan_result import LayerPlan, Plan
@@ -44,6 +46,7 @@ def plan(
     inner: str = "inductor",
     max_batch: int = 1 << 16,
     world_size: int = 1,
+    compose_blocks: bool = True,
 ) -> Plan:
     """Plan keep ratios so predicted peak memory fits ``mem_gb`` at the least gradient variance.
 
@@ -59,6 +62,10 @@ def plan(
     keeps the activations of its own batch (``batch_size`` is per rank). The all-gathered
     parameters of the units in flight are not counted. For DDP leave it at 1 (nothing is sharded).
     A model wrapped by PEFT (``get_peft_model``) plans its adapters on the frozen base.
+
+    ``compose_blocks``: trace one block of each run of identical blocks (a transformer's layers)
+    and compose the model from it (:mod:`wtacompile.planning.blocks`; the same numbers, in a
+    fraction of the time); ``False`` traces every block.
     """
     _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size)
     config = WTAConfig(keep_ratio=0.3, min_rows=min_rows, include=include, exclude=exclude,
@@ -76,13 +83,28 @@ def plan(
     # A 7B-shaped model traces for tens of seconds: say what is happening (silent off a terminal).
     with tqdm(total=3, desc="wtacompile.plan", unit="stage", disable=None, leave=False) as progress:
         progress.set_postfix_str("tracing and analysing the training graphs")
-        states = capture_analyses(model, inputs, config, trace_batch if search else None)
+        states = _capture(model, inputs, config, trace_batch if search else None, compose_blocks)
         progress.update()
         progress.set_postfix_str("searching the largest batch" if search else "solving")
         plan = _solve_plan(model, states, budget, mem_gb, batch_size, seq_len, trace_batch, optimizer,
                            menu, min_rows, max_batch, world_size)
         progress.update(2)
     return plan
+
+
+def _capture(model, inputs, config, symbolic_batch, compose_blocks) -> list[CompileState]:
+    """The model's analysed graphs: from one block per run where it has repeated blocks."""
+    runs = find_repeated_blocks(model) if compose_blocks else ()
+    if runs:
+        try:
+            with one_block_per_run(model, runs):
+                states = capture_analyses(model, inputs, config, symbolic_batch)
+            return compose_states(states, runs)
+        except Exception as error:  # noqa: BLE001 - any failure here is retried the slow way, loudly
+            warnings.warn(f"plan(): could not plan from one block per run of repeated blocks "
+                          f"({type(error).__name__}: {error}); tracing every block instead (slower; "
+                          f"compose_blocks=False skips the attempt)", stacklevel=3)
+    return capture_analyses(model, inputs, config, symbolic_batch)
 
 
 def _solve_plan(model, states, budget, mem_gb, batch_size, seq_len, trace_batch, optimizer, menu,
@@ -100,8 +122,10 @@ def _solve_plan(model, states, budget, mem_gb, batch_size, seq_len, trace_batch,
     def solve_at(batch: int) -> Solution:
         return solve(mm.choices_at(batch, menu), budget - mm.fixed_at(batch))
 
-    baseline_max = _largest(lambda b: mm.peak(b) <= budget, max_batch)
-    sampled_max = _largest(lambda b: solve_at(b).feasible and mm.step_peak() <= budget, max_batch)
+    # Sizes are affine in the batch: the lines give the answer, an exact check confirms it.
+    baseline_max = _largest_near(lambda b: mm.peak(b) <= budget, mm.batch_estimate(budget), max_batch)
+    sampled_max = _largest_near(lambda b: solve_at(b).feasible and mm.step_peak() <= budget,
+                                mm.batch_estimate(budget, min(menu)), max_batch)
     batch = batch_size if batch_size is not None else max(sampled_max, 1)
     solution = solve_at(batch)
     peak = mm.peak(batch, solution.ratios)
@@ -221,14 +245,22 @@ def _advice(mm: MemoryModel, budget: int, batch: int, need: int, sampled_max: in
             f"the smallest keep ratio {min(menu)}; try {hint}.")
 
 
-def _largest(fits, limit: int) -> int:
-    """The largest batch in [1, limit] for which ``fits`` holds (0 if none); fits is monotone."""
+def _largest_near(fits, guess: int, limit: int) -> int:
+    """The largest batch in [1, limit] for which ``fits`` holds (0 if none; ``fits`` is monotone),
+    searched outward from ``guess``: two calls when the guess is right, O(log error) otherwise."""
     if not fits(1):
         return 0
-    lo, hi = 1, 2
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
+    guess = min(max(guess, 1), limit)
+    if fits(guess):
+        lo, step = guess, 1
+        while lo + step <= limit and fits(lo + step):
+            lo, step = lo + step, step * 2
+        hi = min(lo + step, limit + 1)
+    else:
+        hi, step = guess, 1
+        while hi - step > 1 and not fits(hi - step):
+            hi, step = hi - step, step * 2
+        lo = max(hi - step, 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)

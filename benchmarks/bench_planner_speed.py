@@ -1,0 +1,66 @@
+"""How long ``wtacompile.plan`` takes on full-size meta models (nothing allocated), each in a
+fresh process (the first compile in a process pays for imports and warm-up; so does a user).
+
+    python benchmarks/bench_planner_speed.py            # one block per run (the default)
+    python benchmarks/bench_planner_speed.py --full     # and every block traced, for comparison
+
+Shapes: Llama-2-7B (32 layers, 4096/11008, bf16, seq 2048) at batch 1 and with the max-batch
+search, the same with LoRA (PEFT, r=16 on q/v), and a 70B shape (80 layers, 8192/28672, GQA with 8
+kv heads) with the search; budget 80 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8),
+}
+CASES = [("7b", "batch 1", False), ("7b", "search", False), ("7b", "search", True), ("70b", "search", False)]
+
+CHILD = r"""
+import json, sys, time, torch, transformers as tf
+from wtacompile import plan
+shape, search, lora, compose = json.loads(sys.argv[1])
+cfg = tf.LlamaConfig(vocab_size=32000, **shape)
+with torch.device("meta"):
+    model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
+if lora:
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+start = time.perf_counter()
+p = plan(model, 80, batch_size=None if search else 1, seq_len=2048, compose_blocks=compose)
+print(json.dumps([time.perf_counter() - start, p.batch_size, p.max_batch_size, p.baseline_max_batch_size, p.peak_bytes]))
+"""
+
+
+def run(shape: str, search: bool, lora: bool, compose: bool) -> list:
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps([SHAPES[shape], search, lora, compose])],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="also time the full trace (minutes)")
+    args = parser.parse_args()
+    print(f"{'shape':<6} {'case':<8} {'lora':<5} {'one block/run':>14} {'every block':>12} "
+          f"{'batch':>6} {'max':>5} {'max dense':>9} {'same plan':>9}")
+    for shape, case, lora in CASES:
+        search = case == "search"
+        fast = run(shape, search, lora, True)
+        slow = run(shape, search, lora, False) if args.full else None
+        same = "" if slow is None else ("yes" if fast[1:] == slow[1:] else "NO")
+        print(f"{shape:<6} {case:<8} {'yes' if lora else 'no':<5} {fast[0]:>13.1f}s "
+              f"{(f'{slow[0]:.1f}s' if slow else '-'):>12} {fast[1]:>6} {fast[2]:>5} {fast[3]:>9} {same:>9}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
