@@ -2,7 +2,7 @@
 
     python benchmarks/bench_planner.py --families bert gpt2 llama t5 vit
 
-For each family (the tests' tiny random-init configs at batch 8): plan with ample memory
+For each family (the tests' tiny random-init configs, 4 layers by default, at batch 8): plan with ample memory
 (baseline, everything exact) and at a budget halfway between the baseline peak and the least
 reachable peak (the plan samples), then run one real AdamW step of each under torch.compile
 (aot_eager inner compiler: the same partitioner, and its allocations are visible on the CPU) and
@@ -26,11 +26,13 @@ from wtacompile.memory import measure_training_step  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=["bert", "gpt2", "llama", "t5", "vit"])
+    parser.add_argument("--layers", type=int, default=4,
+                        help="blocks per stack (4: the plan is composed from three traced blocks)")
     args = parser.parse_args()
     print(f"{'family':<8} {'case':<9} {'act pred':>10} {'act meas':>10} {'err':>7} "
           f"{'peak pred':>10} {'peak meas':>10} {'err':>7}  sampled")
     for family in args.families:
-        model, batch = build(family)
+        model, batch = build(family, layers=args.layers)
         batch = {k: v.repeat(4, *([1] * (v.dim() - 1))) for k, v in batch.items()}
         generous = plan(model, 1.0, example_inputs=batch, inner="aot_eager")
         budget = (generous.baseline_peak_bytes + generous.min_peak_bytes) / 2 / 1e9
