@@ -136,7 +136,7 @@ def test_cli(tmp_path, capsys):
 
 
 def test_llama_7b_shaped_plan():
-    """A full-size plan on a meta model (its time is in benchmarks/bench_planner.py, not here)."""
+    """A full-size plan on a meta model (its time is in benchmarks/bench_planner_speed.py, not here)."""
     import transformers as tf
 
     cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
