@@ -66,17 +66,17 @@ def build(family: str):
 class Arm:
     """One configuration: its own copy of the model, optimizer and compiled function."""
 
-    def __init__(self, name, base, batch, budget, keep_ratio, device):
+    def __init__(self, name, base, batch, budget, keep_ratio, device, options=None):
         from torch._inductor.compile_fx import compile_fx
 
         self.name, self.budget, self.keep_ratio, self.batch = name, budget, keep_ratio, batch
         self.model = copy.deepcopy(base)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         # A distinct backend object per arm: dynamo must not reuse another arm's compiled code.
-        if keep_ratio is None:
+        if keep_ratio is None and options is None:
             backend = functools.partial(compile_fx)
         else:
-            backend = functools.partial(wtacrs_backend, options={"keep_ratio": keep_ratio})
+            backend = functools.partial(wtacrs_backend, options=options or {"keep_ratio": keep_ratio})
         self.fn = torch.compile(self.model, backend=backend)
         self.times: list[float] = []
         self.device = device

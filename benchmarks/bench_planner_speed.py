@@ -1,7 +1,7 @@
 """How long ``wtacompile.plan`` takes on full-size meta models (nothing allocated), each in a
 fresh process (the first compile in a process pays for imports and warm-up; so does a user).
 
-    python benchmarks/bench_planner_speed.py            # one block per run (the default)
+    python benchmarks/bench_planner_speed.py            # three blocks per run (the default)
     python benchmarks/bench_planner_speed.py --full     # and every block traced, for comparison
 
 Shapes: Llama-2-7B (32 layers, 4096/11008, bf16, seq 2048) at batch 1 and with the max-batch
@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--full", action="store_true", help="also time the full trace (minutes)")
     args = parser.parse_args()
-    print(f"{'shape':<6} {'case':<8} {'lora':<5} {'one block/run':>14} {'every block':>12} "
+    print(f"{'shape':<6} {'case':<8} {'lora':<5} {'3 blocks/run':>14} {'every block':>12} "
           f"{'batch':>6} {'max':>5} {'max dense':>9} {'same plan':>9}")
     for shape, case, lora in CASES:
         search = case == "search"

@@ -20,13 +20,14 @@ from collections.abc import Sequence
 import torch.fx as fx
 
 from .analyze_savings import analyze_savings
-from .choose_ratios import choose_ratios
+from .choose_ratios import BudgetNotMet, choose_ratios
 from .compile_state import CompileState, GraphPass
 from .find_linears import find_linears
 from .rewrite_sampled import Rewritten, rewrite_sampled, rewrite_sites
 
 __all__ = [
     "ANALYSIS_PASSES",
+    "BudgetNotMet",
     "PIPELINE",
     "CompileState",
     "Rewritten",

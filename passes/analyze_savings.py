@@ -6,8 +6,8 @@ activation's backward may need the very tensor the next linear reads, and the pa
 a tensor or recompute it from another one it keeps anyway. Those facts live in the AOTAutograd
 joint graph and the partitioner's choice of saved tensors, not in the model code.
 
-How: trace the graph through AOTAutograd twice, with the same decompositions and min-cut
-partitioner the inner compiler uses: once as it is (dense) and once with every candidate
+How: trace the graph through AOTAutograd twice, with the same decompositions, min-cut
+partitioner and partitioner budget (``config.activation_memory_budget``) the inner compiler uses: once as it is (dense) and once with every candidate
 (trainable weight, allowed by include/exclude, ratio < 1) sampled, one sample per input. For each
 sampled input, resolved through views to its storage root ``R``:
 
@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from wtacompile._compat import dynamo_origin, joint_parameter_inputs, storage_root
+from wtacompile.analysis.graph_cost import graph_cost
 from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys
 from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, trace_partition
 from wtacompile.lower import expose_samples
@@ -54,20 +55,28 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     parameters = joint_parameter_inputs(gm, dense.joint)
     dense_sizer = Sizer(dense.joint, parameters)
     memory = graph_memory(dense, parameters, dense_sizer)
+    cost = graph_cost(dense)
     candidates = [site for site in state.sites if site.skip_reason is None]
     if not candidates:
-        return dataclasses.replace(state, analysis=SavingsAnalysis((), (), memory))
+        return dataclasses.replace(state, analysis=SavingsAnalysis((), (), memory, cost))
 
     trial = copy_module(gm)
     rewritten = rewrite_sites(trial, candidates, {s.weight: s.requested_ratio for s in candidates}, config)
     expose_samples(trial)  # as the real compile will: the draw stays in forward
     # Verdicts are structure, not sizes: trace at the traced sizes (half the cost of a symbolic
-    # trace) and size each input from its twin in the dense trace.
-    sampled = trace_partition(trial, config, static=True)
+    # trace) and size each input from its twin in the dense trace. Not under a partitioner budget
+    # below 1: its knapsack sizes every input, and a symbolic scalar traced as its hint has none.
+    sampled = trace_partition(trial, config, static=_effective_budget(config) >= 1.0)
     groups = _group_by_input(dense, sampled, rewritten, dense_sizer)
     grouped = {w for group in groups for w in group.weights}
     untraced = tuple(s.weight for s in candidates if s.weight not in grouped)
-    return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory))
+    return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost))
+
+
+def _effective_budget(config) -> float:
+    if config.activation_memory_budget is not None:
+        return config.activation_memory_budget
+    return torch._functorch.config.activation_memory_budget
 
 
 def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: Rewritten,

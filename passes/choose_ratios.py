@@ -33,9 +33,14 @@ from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, SKIPPED, InputGr
 from wtacompile.solver import DEFAULT_MENU, solve
 from .compile_state import CompileState
 
-__all__ = ["MIN_OUTPUTS_FOR_SPEED", "choose_ratios"]
+__all__ = ["MIN_OUTPUTS_FOR_SPEED", "BudgetNotMet", "choose_ratios"]
 
 log = logging.getLogger("wtacompile")
+
+class BudgetNotMet(ValueError):
+    """``mem_gb`` cannot be met by this graph at its partitioner budget, even at the smallest ratio
+    (the backend then tries a lower partitioner budget, :data:`wtacompile.solver.DEFAULT_BUDGET_MENU`)."""
+
 
 #: Σ out_features of the linears sharing an input below which sampling it only for speed does not
 #: pay: the draw (row norms, selection, gather) costs about as much as a GEMM this narrow saves.
@@ -118,9 +123,11 @@ def _budget_ratios(state: CompileState) -> dict[str, float]:
     solution = solve(choices, budget - model.fixed_at(None))
     if not (solution.feasible and model.step_peak() <= budget):
         needed = max(model.fixed_at(None) + solution.min_bytes, model.step_peak())
-        raise ValueError(
+        recompute = ("" if config.activation_memory_budget is None else
+                     f" and activation_memory_budget {config.activation_memory_budget:g}")
+        raise BudgetNotMet(
             f"wtacrs: mem_gb={config.mem_gb:g} cannot be met: this graph needs about "
-            f"{format_bytes(committed + needed)} even at keep ratio {min(DEFAULT_MENU)}. "
+            f"{format_bytes(committed + needed)} even at keep ratio {min(DEFAULT_MENU)}{recompute}. "
             "Use a smaller batch, freeze layers or add LoRA, or raise mem_gb; "
             "wtacompile.plan(model, mem_gb) shows the breakdown."
         )

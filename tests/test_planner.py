@@ -69,9 +69,13 @@ def test_batch_search_without_batch_size():
     result = plan(model, 0.005, seq_len=16, inner="aot_eager")
     assert result.max_batch_size >= result.baseline_max_batch_size >= 1
     assert result.batch_size == result.max_batch_size
-    # One past the largest, traced for real at that batch, does not fit.
-    bigger = plan(model, 0.005, batch_size=result.max_batch_size + 1, seq_len=16, inner="aot_eager")
+    # One past the largest, traced for real at that batch, does not fit with sampling alone (the
+    # search's partitioner budget, 1); recomputing more makes room for it.
+    bigger = plan(model, 0.005, batch_size=result.max_batch_size + 1, seq_len=16, inner="aot_eager",
+                  activation_budgets=(1.0,))
     assert not bigger.fits
+    recomputing = plan(model, 0.005, batch_size=result.max_batch_size + 1, seq_len=16, inner="aot_eager")
+    assert recomputing.fits and recomputing.activation_memory_budget < 1.0
 
 
 def test_meta_model_allocates_nothing_and_lora_counts_only_adapters():

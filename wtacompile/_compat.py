@@ -20,6 +20,7 @@ __all__ = [
     "compile_isolated",
     "dynamo_origin",
     "evaluate_at",
+    "fake_twin",
     "graph_root_module",
     "is_storage_view",
     "joint_parameter_inputs",
@@ -37,7 +38,10 @@ __all__ = [
     "unwrap_compiled",
 ]
 
-_ROOT = re.compile(r"^L\['[^']*'\]")
+# The root object of a source: everything before the first module, parameter or buffer step —
+# ``L['self']``, or ``L['args'][0]`` where the model's forward is wrapped by a ``*args`` decorator
+# (Hugging Face's output-capturing wrappers in transformers 5).
+_ROOT = re.compile(r"^.*?(?=\._(?:modules|parameters|buffers)\[)")
 _ITEM = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\[(\d+)\]|\[\'([^']*)\'\]")
 
 
@@ -85,7 +89,7 @@ def graph_root_module(gm: fx.GraphModule) -> torch.nn.Module | None:
 
     After a graph break inside a submodule the resumed frame's root is that submodule.
     """
-    from torch._dynamo.source import GlobalSource, LocalSource
+    from torch._dynamo.source import GetItemSource, GlobalSource, LocalSource
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     tx = InstructionTranslator.current_tx()
@@ -96,14 +100,22 @@ def graph_root_module(gm: fx.GraphModule) -> torch.nn.Module | None:
         source = getattr(grapharg, "source", None)
         if source is None or source_parameter_name(placeholder_source(node) or "") is None:
             continue
-        while getattr(source, "base", None) is not None:
-            source = source.base
-        if isinstance(source, LocalSource):
-            root = tx.f_locals.get(source.local_name)
-        elif isinstance(source, GlobalSource):
-            root = tx.f_globals.get(source.global_name)
+        chain = [source]
+        while getattr(chain[-1], "base", None) is not None:
+            chain.append(chain[-1].base)
+        local = chain.pop()
+        if isinstance(local, LocalSource):
+            root = tx.f_locals.get(local.local_name)
+        elif isinstance(local, GlobalSource):
+            root = tx.f_globals.get(local.global_name)
         else:
             continue
+        # ``L['args'][0]``: a forward wrapped by a ``*args`` decorator receives the model there.
+        while not isinstance(root, torch.nn.Module) and chain and isinstance(chain[-1], GetItemSource):
+            try:
+                root = root[chain.pop().index]
+            except (TypeError, KeyError, IndexError):
+                break
         return root if isinstance(root, torch.nn.Module) else None
     return None
 
@@ -248,18 +260,23 @@ def _has_symbols(values) -> bool:
 
 
 def _static_twin(value, fake_mode):
-    """``value`` at its traced sizes, in ``fake_mode`` (parameters stay parameters)."""
+    """``value`` at its traced sizes, in ``fake_mode``."""
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return scalar_hint(value)
-    if not isinstance(value, torch.Tensor):
-        return value
+    return fake_twin(value, fake_mode) if isinstance(value, torch.Tensor) else value
+
+
+def fake_twin(value: torch.Tensor, fake_mode, device: torch.device | None = None) -> torch.Tensor:
+    """A fake tensor like ``value`` in ``fake_mode``: its (traced) sizes, strides, dtype and
+    ``requires_grad``, on ``device`` (default: ``value``'s); a parameter stays a parameter."""
     with fake_mode:
         twin = torch.empty_strided([size_hint(d) for d in value.shape],
                                    [size_hint(d) for d in value.stride()],
-                                   dtype=value.dtype, device=value.device)
+                                   dtype=value.dtype, device=device or value.device)
     if isinstance(value, torch.nn.Parameter):
         return torch.nn.Parameter(twin, requires_grad=value.requires_grad)
-    return twin.requires_grad_(value.requires_grad) if value.is_floating_point() or value.is_complex() else twin
+    differentiable = value.is_floating_point() or value.is_complex()
+    return twin.requires_grad_(value.requires_grad) if differentiable else twin
 
 
 def primal_placeholders(joint: fx.GraphModule) -> list[fx.Node]:

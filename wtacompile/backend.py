@@ -6,6 +6,12 @@ runs :data:`wtacompile.passes.PIPELINE`::
 
     find_linears → analyze_savings → choose_ratios → rewrite_sampled → inner compiler
 
+Under ``mem_gb`` the partitioner budget is chosen with the keep ratios: the analysis and the
+choice run at each budget of :data:`wtacompile.solver.DEFAULT_BUDGET_MENU`, largest first, until
+the predicted peak fits. Less recompute is less time (:mod:`wtacompile.time_model`), so the first
+budget that fits gives the fastest step; at it the solver picks the least-variance ratios. A
+budget dense training fits stays exact, at partitioner budget 1.
+
 Inference graphs (grad disabled, or nothing in the graph requires grad) skip the passes entirely
 and go straight to the inner compiler (:mod:`wtacompile.lower`): zero overhead. Every decision is
 recorded (:func:`wtacompile.last_compile_report`).
@@ -13,6 +19,7 @@ recorded (:func:`wtacompile.last_compile_report`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import warnings
@@ -26,11 +33,14 @@ import torch.fx as fx
 from wtacompile._compat import graph_root_module, parameter_names
 from wtacompile.compiled_models import align_settings, ledger_for, owning_model
 from wtacompile.config import WTAConfig
+from wtacompile.estimator import num_kept_rows
 from wtacompile.lower import compile_graph
-from wtacompile.passes import CompileState, run_passes
+from wtacompile.passes import ANALYSIS_PASSES, BudgetNotMet, CompileState, choose_ratios, rewrite_sampled, run_passes
 from wtacompile.report import GraphReport, record
+from wtacompile.solver import DEFAULT_BUDGET_MENU
+from wtacompile.time_model import SampledLinear, balance_for, step_time_ratio
 
-__all__ = ["wtacrs_backend"]
+__all__ = ["partitioner_menu", "wtacrs_backend"]
 
 log = logging.getLogger("wtacompile")
 _graph_ids = itertools.count()
@@ -63,16 +73,76 @@ def wtacrs_backend(
             config = align_settings(config, model)
         budget = ledger_for(model, config.fingerprint()) if config.mem_gb is not None else None
         names = MappingProxyType(parameter_names(model) if model is not None else {})
-        state = run_passes(gm, CompileState(config, tuple(example_inputs), budget=budget,
-                                            parameter_names=names))
+        state = CompileState(config, tuple(example_inputs), budget=budget, parameter_names=names)
+        state, step_time = _analyse_and_decide(gm, state, example_inputs)
+        state = rewrite_sampled(gm, state)
         _warn_checkpointed(state.sites)
-        report = GraphReport.build(graph_id, config.fingerprint(), True, state.sites, state.decisions)
+        report = GraphReport.build(graph_id, config.fingerprint(), True, state.sites, state.decisions,
+                                   state.config.activation_memory_budget, step_time)
         log.info("%s", report)
+        config = state.config  # with the partitioner budget chosen
     else:
         report = GraphReport.build(graph_id, config.fingerprint(), False)
     if config.report:
         record(report)
     return compile_graph(gm, example_inputs, config, mode)
+
+
+def partitioner_menu(config: WTAConfig) -> tuple[float | None, ...]:
+    """The partitioner budgets to try, in order (``None``: torch's global setting).
+
+    A budget given in the options (or by a plan) is used as it is; so is torch's global
+    ``activation_memory_budget`` when the user has set it below 1. Only ``mem_gb`` searches.
+    """
+    if config.activation_memory_budget is not None:
+        return (config.activation_memory_budget,)
+    if config.mem_gb is None or torch._functorch.config.activation_memory_budget != 1.0:
+        return (None,)
+    return DEFAULT_BUDGET_MENU
+
+
+def _analyse_and_decide(gm: fx.GraphModule, state: CompileState, example_inputs
+                        ) -> tuple[CompileState, float]:
+    """The analysis passes and :func:`choose_ratios` at each budget of :func:`partitioner_menu`
+    until the decision fits (only ``mem_gb`` can miss), and the decision's predicted step time
+    relative to this graph's dense training at the first budget tried."""
+    menu = partitioner_menu(state.config)
+    reference = None
+    for position, budget in enumerate(menu):
+        trial = state if budget is None else dataclasses.replace(
+            state, config=dataclasses.replace(state.config, activation_memory_budget=budget))
+        analysed = run_passes(gm, trial, ANALYSIS_PASSES)
+        reference = reference or analysed.analysis
+        try:
+            decided = choose_ratios(gm, analysed)
+        except BudgetNotMet:
+            if position == len(menu) - 1:
+                raise
+            log.info("wtacrs mem_gb: does not fit at activation_memory_budget %s; trying %s",
+                     budget, menu[position + 1])
+            continue
+        return decided, step_time_ratio((decided.analysis.cost,), _sampled_linears(decided),
+                                        (reference.cost,), balance_for(_device_type(example_inputs)))
+    raise AssertionError("unreachable: the menu is never empty")
+
+
+def _sampled_linears(state: CompileState) -> list[tuple[SampledLinear, int]]:
+    """Each sampled input as the time model sees it, with the rows it keeps."""
+    sites = {s.weight: s for s in state.sites}
+    sampled = []
+    for group in state.analysis.groups:
+        decision = state.decisions[group.weights[0]]
+        if decision.sampled:
+            readers = [sites[w] for w in group.weights]
+            first = readers[0]
+            linear = SampledLinear(first.rows, first.in_features, first.itemsize,
+                                   tuple(r.out_features for r in readers))
+            sampled.append((linear, num_kept_rows(first.rows, decision.keep_ratio, state.config.min_rows)))
+    return sampled
+
+
+def _device_type(example_inputs) -> str:
+    return next((t.device.type for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
 
 
 def _warn_checkpointed(sites) -> None:

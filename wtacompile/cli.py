@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from wtacompile.config import OPTIMIZER_STATES
+from wtacompile.solver import DEFAULT_BUDGET_MENU
 
 TASKS = ("causal-lm", "seq-cls", "seq2seq", "image-cls")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adamw")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
+    p.add_argument("--no-recompute", action="store_true",
+                   help="plan sampling alone (partitioner budget 1) instead of choosing recompute too")
     p.add_argument("--json", type=Path, help="also write the plan as JSON here")
     p.add_argument("--plot", type=Path, help="also draw the plan here (PNG/SVG/PDF; needs matplotlib)")
     args = parser.parse_args(argv)
@@ -153,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{type(model).__name__}: {n_params / 1e9:.2f}B parameters, {n_train / 1e6:.1f}M trainable; "
           f"planning for {args.mem_gb:g} GB ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
+    budgets = (1.0,) if args.no_recompute else DEFAULT_BUDGET_MENU
     result = plan(model, args.mem_gb, batch_size=args.batch_size, seq_len=args.seq_len,
-                  optimizer=args.optimizer)
+                  optimizer=args.optimizer, activation_budgets=budgets)
     print(result)
     print(f"(planned in {time.perf_counter() - start:.1f} s)", file=sys.stderr)
     if args.json:

@@ -23,7 +23,14 @@ from typing import Any
 from wtacompile.estimator import DEFAULT_MIN_ROWS, validate_sampling_args
 from wtacompile.plan_result import Plan
 
-__all__ = ["INNER_COMPILERS", "OPTIMIZER_STATES", "WTAConfig", "as_patterns", "check_mem_gb"]
+__all__ = [
+    "INNER_COMPILERS",
+    "OPTIMIZER_STATES",
+    "WTAConfig",
+    "as_patterns",
+    "check_activation_memory_budget",
+    "check_mem_gb",
+]
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 # Optimizer state tensors per trainable parameter, for the memory model.
@@ -49,9 +56,15 @@ class WTAConfig:
         mem_gb: plan keep ratios on the fly so predicted peak memory fits this many GB (one budget
             shared by every graph of the compiled model); linears are exact where it fits.
         optimizer: the optimizer ``mem_gb`` planning assumes (its state counts against the budget).
+        activation_memory_budget: the partitioner budget (torch's
+            ``torch._functorch.config.activation_memory_budget``, in ``[0, 1]``: 1 saves what the
+            min-cut partitioner saves by default, lower recomputes more) this model's graphs are
+            compiled under. ``None`` (default): torch's global setting, except under ``mem_gb``,
+            which picks it with the keep ratios (:data:`wtacompile.solver.DEFAULT_BUDGET_MENU`).
 
     ``options={"plan": plan}`` (a :class:`wtacompile.Plan`, its JSON, or a path to that JSON) sets
-    ``keep_ratios`` from the plan and leaves every linear the plan does not sample exact.
+    ``keep_ratios`` and ``activation_memory_budget`` from the plan and leaves every linear the plan
+    does not sample exact.
     """
 
     keep_ratio: float = 0.3
@@ -64,6 +77,7 @@ class WTAConfig:
     report: bool = True
     mem_gb: float | None = None
     optimizer: str = "adamw"
+    activation_memory_budget: float | None = None
 
     def __post_init__(self) -> None:
         validate_sampling_args(self.keep_ratio, self.method, self.min_rows)
@@ -78,6 +92,9 @@ class WTAConfig:
             check_mem_gb(self.mem_gb)
         if not isinstance(self.report, bool):
             raise ValueError(f"report must be True or False, got {self.report!r}")
+        if self.activation_memory_budget is not None:
+            check_activation_memory_budget(self.activation_memory_budget)
+            object.__setattr__(self, "activation_memory_budget", float(self.activation_memory_budget))
         if self.optimizer not in OPTIMIZER_STATES:
             raise ValueError(
                 f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}"
@@ -101,11 +118,15 @@ class WTAConfig:
             )
         kwargs = dict(options)
         if "plan" in kwargs:
-            for clash in ("keep_ratio", "keep_ratios", "mem_gb"):
+            for clash in ("keep_ratio", "keep_ratios", "mem_gb", "activation_memory_budget"):
                 if clash in kwargs:
-                    raise ValueError(f"options 'plan' and {clash!r} conflict: the plan sets the ratios")
-            kwargs["keep_ratios"] = _plan_ratios(kwargs.pop("plan"))
+                    raise ValueError(f"options 'plan' and {clash!r} conflict: the plan sets the ratios "
+                                     "and the partitioner budget")
+            plan = _read_plan(kwargs.pop("plan"))
+            kwargs["keep_ratios"] = dict(plan.keep_ratios)
             kwargs["keep_ratio"] = 1.0  # what the plan does not sample stays exact
+            if plan.activation_memory_budget < 1.0:
+                kwargs["activation_memory_budget"] = plan.activation_memory_budget
         return cls(**kwargs)
 
     def ratio_for(self, weight_name: str) -> float | None:
@@ -158,7 +179,14 @@ def check_mem_gb(mem_gb: Any) -> None:
         raise ValueError(f"mem_gb must be a positive, finite number of GB (e.g. 24), got {mem_gb!r}")
 
 
-def _plan_ratios(plan: Any) -> dict[str, float]:
+def check_activation_memory_budget(budget: Any) -> None:
+    """``ValueError`` unless ``budget`` is a number in ``[0, 1]`` (torch's partitioner budget)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 <= budget <= 1.0:
+        raise ValueError("activation_memory_budget must be a number in [0, 1] (1: the partitioner's "
+                         f"default saved set, lower: recompute more), got {budget!r}")
+
+
+def _read_plan(plan: Any) -> Plan:
     if isinstance(plan, (str, os.PathLike)):
         text = str(plan)
         if not text.lstrip().startswith("{"):
@@ -169,4 +197,4 @@ def _plan_ratios(plan: Any) -> dict[str, float]:
         raise ValueError(f"option 'plan' takes a wtacompile.Plan, its JSON or a path, got {type(plan).__name__}")
     if not plan.fits:
         raise ValueError(f"this plan does not fit its {plan.mem_gb:g} GB budget: {plan.advice}")
-    return dict(plan.keep_ratios)
+    return plan

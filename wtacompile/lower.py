@@ -18,6 +18,7 @@ draw in forward:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ __all__ = [
     "compile_graph",
     "expose_samples",
     "inner_compiler",
+    "partitioner_budget",
     "pin_sampled_choices",
     "pinned_min_cut_partition",
 ]
@@ -66,10 +68,19 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: WTA
     if config.inner == "eager":  # plain autograd: no partitioner to keep the draw in forward
         return compiler(gm, example_inputs)
     num_outputs = expose_samples(gm)
-    compiled = compiler(gm, example_inputs)
+    with partitioner_budget(config):  # AOTAutograd partitions while compiling, not at first call
+        compiled = compiler(gm, example_inputs)
     if len(gm.graph.output_node().args[0]) == num_outputs:
         return compiled
     return lambda *args: compiled(*args)[:num_outputs]  # dynamo calls backends' functions unboxed
+
+
+def partitioner_budget(config: WTAConfig) -> contextlib.AbstractContextManager:
+    """torch's ``activation_memory_budget`` set to ``config``'s for the duration (unchanged where
+    the config leaves it to torch's global setting)."""
+    if config.activation_memory_budget is None:
+        return contextlib.nullcontext()
+    return torch._functorch.config.patch(activation_memory_budget=config.activation_memory_budget)
 
 
 def pin_sampled_choices(graph: fx.Graph) -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from wtacompile.config import OPTIMIZER_STATES
 from wtacompile.estimator import num_kept_rows
 from wtacompile.solver import GroupChoice
+from wtacompile.time_model import SampledLinear
 
 __all__ = [
     "Allocation",
@@ -112,7 +113,7 @@ class GraphMemory:
     activations: Size  # distinct storages saved for backward
     backward_live: tuple[Size, ...]  # live bytes after each allocation while the backward runs
     # Which module each number belongs to (dotted module paths, "" for none), for composing a
-    # model from one traced block (wtacompile.planning.blocks): the module of each saved storage,
+    # model from a few traced blocks (wtacompile.planning.blocks): the module of each saved storage,
     # and each backward allocation (one per point of backward_live).
     saved_owners: tuple[tuple[str, Size], ...] = ()
     allocations: tuple[Allocation, ...] = ()
@@ -142,6 +143,12 @@ class SampleableInput:
 
     def bytes_at(self, batch: int | None, trace_batch: int) -> int:
         return int(self.input_bytes.at(batch, trace_batch))
+
+    def sampled_linear(self) -> SampledLinear:
+        """The time model's view of it (at the traced batch)."""
+        first = self.readers[0]
+        return SampledLinear(first.rows, first.in_features, first.itemsize,
+                             tuple(r.out_features for r in self.readers))
 
     def compact_bytes_at(self, ratio: float, batch: int | None, trace_batch: int, min_rows: int) -> int:
         """The one compact copy its readers share (they read the same rows)."""

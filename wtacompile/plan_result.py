@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 __all__ = ["PLAN_SCHEMA", "LayerPlan", "Plan"]
 
-PLAN_SCHEMA = "wtacompile.plan/1"
+PLAN_SCHEMA = "wtacompile.plan/2"
+# Schemas from_json reads: /1 had no partitioner budget (it was always 1) and no step-time figure.
+_READABLE_SCHEMAS = ("wtacompile.plan/1", PLAN_SCHEMA)
 GIB = 2**30
 MIB = 2**20
 
@@ -54,6 +56,11 @@ class Plan:
     optimizer: str = "adamw"
     advice: str = ""
     min_peak_bytes: int = 0  # predicted peak with every sampleable linear at the smallest ratio
+    # The partitioner budget chosen with the ratios (torch's activation_memory_budget; 1: the
+    # default saved set, no extra recompute), and the predicted step time relative to dense
+    # training at budget 1 (wtacompile.time_model).
+    activation_memory_budget: float = 1.0
+    predicted_step_time: float = 1.0
 
     def plot(self, path: str) -> None:
         """Draw per-layer saved bytes (dense vs plan) and the peak breakdown against the budget to
@@ -72,7 +79,7 @@ class Plan:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"not a wtacompile plan: invalid JSON ({err})") from None
-        if not isinstance(data, dict) or data.get("schema") != PLAN_SCHEMA:
+        if not isinstance(data, dict) or data.get("schema") not in _READABLE_SCHEMAS:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"not a wtacompile plan of schema {PLAN_SCHEMA!r} (found {found!r}); "
                              "make it again with wtacompile.plan(...).to_json()")
@@ -83,6 +90,9 @@ class Plan:
             raise ValueError("plan field 'layers' must be a list")
         values["layers"] = tuple(LayerPlan(**_checked_fields(LayerPlan, layer, "plan layer"))
                                  for layer in layers)
+        budget = values.get("activation_memory_budget", 1.0)
+        if not 0 <= budget <= 1:
+            raise ValueError(f"plan activation_memory_budget must be in [0, 1], got {budget!r}")
         for name, ratio in values["keep_ratios"].items():
             if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
                 raise ValueError(f"plan keep_ratios[{name!r}] must be a number in (0, 1], got {ratio!r}")
@@ -112,6 +122,10 @@ class Plan:
                      f"{self.mem_gb * 1e9 / scale:.2f} {unit} -> {'fits' if self.fits else 'DOES NOT FIT'}")
         lines.append("  (peak = parameters + optimizer + max(activations + transient, "
                      "gradients + optimizer-step temporaries))")
+        recompute = ("no extra recompute" if self.activation_memory_budget >= 1.0 else
+                     f"activation_memory_budget={self.activation_memory_budget:g}: recomputes more")
+        lines.append(f"  partitioner: {recompute}; predicted step time {self.predicted_step_time:.2f}x "
+                     "dense training")
         lines.append(f"  largest batch that fits: {self.baseline_max_batch_size} dense, "
                      f"{self.max_batch_size} with sampling")
         if self.advice:

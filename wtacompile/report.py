@@ -52,12 +52,20 @@ class GraphReport:
     config_fingerprint: str
     training: bool
     sites: tuple[SiteReport, ...] = ()
+    # The partitioner budget the graph was compiled under (None: torch's global setting), and the
+    # predicted step time relative to its dense training at the first budget tried
+    # (wtacompile.time_model; 1 under mem_gb, else the graph's own).
+    activation_memory_budget: float | None = None
+    predicted_step_time: float | None = None
 
     @classmethod
     def build(cls, graph_id: int, config_fingerprint: str, training: bool,
-              sites: Sequence[LinearSite] = (), decisions: Mapping[str, SiteDecision] = {}) -> GraphReport:
+              sites: Sequence[LinearSite] = (), decisions: Mapping[str, SiteDecision] = {},
+              activation_memory_budget: float | None = None,
+              predicted_step_time: float | None = None) -> GraphReport:
         rows = tuple(SiteReport.of(site, decisions[site.weight]) for site in sites)
-        return cls(graph_id, config_fingerprint, training, rows)
+        return cls(graph_id, config_fingerprint, training, rows, activation_memory_budget,
+                   predicted_step_time)
 
     @property
     def sampled_sites(self) -> list[SiteReport]:
@@ -84,9 +92,14 @@ class GraphReport:
         return "\n".join(rows)
 
     def __str__(self) -> str:
+        extra = ""
+        if self.activation_memory_budget is not None:
+            extra += f", activation_memory_budget {self.activation_memory_budget:g}"
+        if self.predicted_step_time is not None:
+            extra += f", predicted step time {self.predicted_step_time:.2f}x dense"
         return (
             f"wtacrs graph {self.graph_id}: {len(self.sampled_sites)}/{len(self.sites)} linears "
-            f"sampled, ~{self.predicted_freed_bytes / 2**20:.2f} MiB freed\n{self.table()}"
+            f"sampled, ~{self.predicted_freed_bytes / 2**20:.2f} MiB freed{extra}\n{self.table()}"
         )
 
 

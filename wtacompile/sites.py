@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from wtacompile.memory_model import GraphMemory, Reader, SampleableInput, Size
+from wtacompile.time_model import GraphCost
 
 __all__ = [
     "ADDS_MEMORY",
@@ -91,6 +92,7 @@ class SavingsAnalysis:
     groups: tuple[InputGroup, ...]
     untraced: tuple[str, ...]  # candidate weights absent from the traced graph (dead code)
     memory: GraphMemory  # the dense partition's numbers, for the memory model
+    cost: GraphCost = GraphCost(0.0, 0.0)  # the dense partition's work, for the time model
 
     def sampleable_inputs(self, sites: Iterable[LinearSite], prefix: str = "") -> tuple[SampleableInput, ...]:
         """The memory model's view of the groups sampling frees, keyed ``prefix + root``."""

@@ -36,9 +36,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["GroupChoice", "Solution", "solve", "DEFAULT_MENU", "variance_cost"]
+__all__ = ["DEFAULT_BUDGET_MENU", "DEFAULT_MENU", "GroupChoice", "Solution", "solve", "variance_cost"]
 
 DEFAULT_MENU: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
+#: Partitioner budgets (torch's ``activation_memory_budget``) a memory budget may choose, tried
+#: largest first: the first at which the ratios can fit is the one that recomputes least.
+DEFAULT_BUDGET_MENU: tuple[float, ...] = (1.0, 0.7, 0.5, 0.3)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from wtacompile._compat import (
 from wtacompile.memory_model import Allocation, GraphMemory, Size
 from .partition_trace import PartitionTrace
 
-__all__ = ["Sizer", "graph_memory", "module_path", "provenance_keys"]
+__all__ = ["Sizer", "graph_memory", "module_path", "owning_module", "provenance_keys"]
 
 
 class Sizer:
@@ -83,6 +83,8 @@ def graph_memory(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer
     return GraphMemory(saved, live, tuple(saved_owners), allocations)
 
 
+# The compiled frame's model: ``L['self']``, or ``L['args'][0]`` under a ``*args`` forward wrapper.
+_ROOT_OBJECT = re.compile(r"^L\['[^']*'\](?:\[[^\]]*\])*")
 _MODULE_DICT = re.compile(r"(?:__dict__\.)?_modules\.")  # a wrapper's module reached by __getattr__ (PEFT)
 _MODULE_KEY = re.compile(r"\._modules\['([^']*)'\]|\['([^']*)'\]|\[(\d+)\]")
 
@@ -93,9 +95,7 @@ def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
     if not stack:
         return ""
-    path = next(reversed(stack.values()))[0]
-    if path.startswith("L['self']"):
-        path = path[len("L['self']"):]
+    path = _ROOT_OBJECT.sub("", next(reversed(stack.values()))[0])
     path = _MODULE_KEY.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
     return _MODULE_DICT.sub("", path).lstrip(".")
 
@@ -144,13 +144,13 @@ def _backward_live(trace: PartitionTrace, parameter_inputs: set[str], sizer: Siz
                 live = live - sizer(base)
                 last_live[base] = len(curve) - 1
     allocations = tuple(
-        Allocation(_owner(node), sizer(node), last_live.get(node),
+        Allocation(owning_module(node), sizer(node), last_live.get(node),
                    gradient_step=node.op != "placeholder" and "nn_module_stack" not in node.meta)
         for node in made)
     return tuple(curve), allocations
 
 
-def _owner(node: fx.Node, depth: int = 4) -> str:
+def owning_module(node: fx.Node, depth: int = 4) -> str:
     """``node``'s module, or that of the nearest user with one (a tangent, or a gradient sum
     AOTAutograd adds outside any module, belongs to the module that consumes it)."""
     frontier = [node]

@@ -3,8 +3,9 @@
 Why: whether sampling a linear frees memory depends on what the partitioner saves for backward
 and what it recomputes — facts of the partitioned joint graph, not of the model code. The trace
 uses the inner compiler's decompositions (Inductor's, unless ``inner="aot_eager"``/``"eager"``)
-and the same pinned min-cut partitioner (:func:`wtacompile.lower.pinned_min_cut_partition`), so it
-sees the saved set the real compile will produce.
+and the same pinned min-cut partitioner (:func:`wtacompile.lower.pinned_min_cut_partition`) under
+the same partitioner budget (:func:`wtacompile.lower.partitioner_budget`), so it sees the saved set
+the real compile will produce.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.fx as fx
 
 from wtacompile._compat import aot_trace, specialize_scalar_inputs, storage_root
 from wtacompile.config import WTAConfig
+from wtacompile.lower import partitioner_budget, pinned_min_cut_partition
 
 __all__ = ["PartitionTrace", "copy_module", "trace_partition"]
 
@@ -51,8 +53,6 @@ class PartitionTrace:
 def trace_partition(gm: fx.GraphModule, config: WTAConfig, *, static: bool = False) -> PartitionTrace:
     """Trace ``gm`` (left unchanged) through AOTAutograd and return the partitioner's split;
     ``static=True``: at the traced sizes even if ``gm`` is symbolic (see :func:`aot_trace`)."""
-    from wtacompile.lower import pinned_min_cut_partition
-
     captured: list[PartitionTrace] = []
 
     def recording_partition(joint, joint_inputs, **kwargs):
@@ -67,7 +67,8 @@ def trace_partition(gm: fx.GraphModule, config: WTAConfig, *, static: bool = Fal
         decompositions = select_decomp_table()
     traced = copy_module(gm)
     specialize_scalar_inputs(traced)
-    aot_trace(traced, recording_partition, decompositions, static=static)
+    with partitioner_budget(config):
+        aot_trace(traced, recording_partition, decompositions, static=static)
     if not captured:
         raise RuntimeError("wtacrs analysis: AOTAutograd produced no joint graph to partition")
     return captured[0]

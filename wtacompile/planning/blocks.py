@@ -26,6 +26,7 @@ module that reads it). For the run ``r`` of ``n`` copies the traced block stands
   and ``j`` done: ``+ (n − 1 − j)·h_r + j·g_r``, linear in ``j``, so the worst copy is an end:
   ``+ (n − 1)·max(h_r, g_r)`` (both kept as points: which is larger depends on the batch).
   After it: ``+ (n − 1)·g_r``;
+* work (the step-time model's FLOPs and bytes): the block's own, ``n − 1`` more times;
 * sites, input groups and weights of the traced block are repeated under each copy's name
   (``model.layers.1.mlp.up_proj.weight`` → ``model.layers.{i}.mlp.up_proj.weight``); an input
   read from several blocks (T5's encoder output) stays one group with each copy's readers.
@@ -50,6 +51,7 @@ import torch
 from wtacompile.memory_model import GraphMemory, Size
 from wtacompile.passes import CompileState
 from wtacompile.sites import InputGroup, SavingsAnalysis
+from wtacompile.time_model import GraphCost
 
 __all__ = ["BlockRun", "NotComposable", "compose_states", "find_repeated_blocks", "one_block_per_run"]
 
@@ -175,8 +177,17 @@ def _compose_state(state: CompileState, runs: list[BlockRun]) -> CompileState:
     groups = _repeat(groups, group_run, _renamed_group)
     untraced = _repeat(analysis.untraced, run_of, lambda w, r, i: r.renamed(w, i))
     memory = _compose_memory(analysis.memory, runs)
-    return dataclasses.replace(state, sites=tuple(sites),
-                               analysis=SavingsAnalysis(tuple(groups), tuple(untraced), memory))
+    return dataclasses.replace(state, sites=tuple(sites), analysis=SavingsAnalysis(
+        tuple(groups), tuple(untraced), memory, _compose_cost(analysis.cost, runs)))
+
+
+def _compose_cost(cost: GraphCost, runs: list[BlockRun]) -> GraphCost:
+    """The work of the traced block, ``n − 1`` more times per run."""
+    flops, nbytes = cost.flops, cost.bytes
+    for r in (r for r in runs if r.copies > 1):
+        flops += (r.copies - 1) * sum(f for o, f, _ in cost.owners if r.owns(o))
+        nbytes += (r.copies - 1) * sum(b for o, _, b in cost.owners if r.owns(o))
+    return GraphCost(flops, nbytes)
 
 
 def _renamed_group(group: InputGroup, run: BlockRun, index: int) -> InputGroup:

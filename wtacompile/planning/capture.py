@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 import torch
 
-from wtacompile._compat import compile_isolated, parameter_names
+from wtacompile._compat import compile_isolated, fake_twin, parameter_names
 from wtacompile.config import WTAConfig
 from wtacompile.passes import ANALYSIS_PASSES, CompileState, run_passes
 
@@ -73,14 +73,6 @@ def _twin_device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if t.device.type == "meta" else t.device
 
 
-def _fake_twin(t: torch.Tensor, fake_mode) -> torch.Tensor:
-    with fake_mode:
-        twin = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=_twin_device(t))
-    if isinstance(t, torch.nn.Parameter):
-        return torch.nn.Parameter(twin, requires_grad=t.requires_grad)
-    return twin.requires_grad_(t.requires_grad) if t.is_floating_point() else twin
-
-
 @contextlib.contextmanager
 def _fake_parameters(model: torch.nn.Module, fake_mode) -> Iterator[None]:
     """Swap every parameter and buffer for a fake twin for the duration; put the originals back."""
@@ -90,7 +82,7 @@ def _fake_parameters(model: torch.nn.Module, fake_mode) -> Iterator[None]:
             for name, tensor in list(store.items()):
                 if tensor is not None:
                     swapped.append((store, name, tensor))
-                    store[name] = _fake_twin(tensor, fake_mode)
+                    store[name] = fake_twin(tensor, fake_mode, _twin_device(tensor))
     try:
         yield
     finally:

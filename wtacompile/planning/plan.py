@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from wtacompile.config import WTAConfig, check_mem_gb
-from wtacompile.estimator import DEFAULT_MIN_ROWS
+from wtacompile.config import WTAConfig, check_activation_memory_budget, check_mem_gb
+from wtacompile.estimator import DEFAULT_MIN_ROWS, num_kept_rows
 from wtacompile.memory_model import MemoryModel, format_bytes, parameter_bytes
 from wtacompile.passes import CompileState
 from wtacompile.sites import FREES
-from wtacompile.solver import DEFAULT_MENU, Solution, solve
+from wtacompile.solver import DEFAULT_BUDGET_MENU, DEFAULT_MENU, Solution, solve
+from wtacompile.time_model import balance_for, step_time_ratio
 from .blocks import compose_states, find_repeated_blocks, one_block_per_run
 from .capture import capture_analyses
 from .inputs import default_example_inputs
@@ -47,8 +48,19 @@ def plan(
     max_batch: int = 1 << 16,
     world_size: int = 1,
     compose_blocks: bool = True,
+    activation_budgets: tuple[float, ...] = DEFAULT_BUDGET_MENU,
+    device_type: str | None = None,
 ) -> Plan:
-    """Plan keep ratios so predicted peak memory fits ``mem_gb`` at the least gradient variance.
+    """Plan keep ratios and the partitioner budget so predicted peak memory fits ``mem_gb`` at the
+    least step time, then the least gradient variance.
+
+    The partitioner budgets ``activation_budgets`` (torch's ``activation_memory_budget``; lower
+    recomputes more in backward) are tried largest first, the graphs analysed at each, until the
+    solver can fit the budget: less recompute is less time (:mod:`wtacompile.time_model`), and at
+    that budget the solver picks the least-variance ratios. A budget dense training fits is
+    planned exact at partitioner budget 1. ``activation_budgets=(1.0,)`` plans sampling alone.
+    The plan's ``predicted_step_time`` is relative to dense training at budget 1, on
+    ``device_type`` (default: the model's; ``"cuda"`` for a model on the meta device).
 
     Works on a model built on the meta device (nothing is allocated) and on a real one (its
     parameters and buffers are swapped for fake twins while it is traced, then put back).
@@ -63,13 +75,16 @@ def plan(
     parameters of the units in flight are not counted. For DDP leave it at 1 (nothing is sharded).
     A model wrapped by PEFT (``get_peft_model``) plans its adapters on the frozen base.
 
-    ``compose_blocks``: trace one block of each run of identical blocks (a transformer's layers)
-    and compose the model from it (:mod:`wtacompile.planning.blocks`; the same numbers, in a
-    fraction of the time); ``False`` traces every block.
+    ``compose_blocks``: trace three blocks of each run of identical blocks (a transformer's
+    layers: the first, one standing for the middle ones, the last) and compose the model from
+    them (:mod:`wtacompile.planning.blocks`; the same numbers, in a fraction of the time);
+    ``False`` traces every block.
     """
     _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size)
+    budgets = _check_budgets(activation_budgets)
     config = WTAConfig(keep_ratio=0.3, min_rows=min_rows, include=include, exclude=exclude,
                        inner=inner, optimizer=optimizer)
+    balance = balance_for(device_type or _device_of(model))
     budget = int(mem_gb * 1e9)
     if example_inputs is not None:
         trace_batch = _batch_of(example_inputs)
@@ -81,19 +96,44 @@ def plan(
         inputs = default_example_inputs(model, trace_batch, seq_len)
     search = batch_size is None
     # A 7B-shaped model traces for tens of seconds: say what is happening (silent off a terminal).
-    with tqdm(total=3, desc="wtacompile.plan", unit="stage", disable=None, leave=False) as progress:
-        progress.set_postfix_str("tracing and analysing the training graphs")
-        states = _capture(model, inputs, config, trace_batch if search else None, compose_blocks)
-        progress.update()
-        progress.set_postfix_str("searching the largest batch" if search else "solving")
-        plan = _solve_plan(model, states, budget, mem_gb, batch_size, seq_len, trace_batch, optimizer,
-                           menu, min_rows, max_batch, world_size)
-        progress.update(2)
-    return plan
+    with tqdm(total=2 * len(budgets), desc="wtacompile.plan", unit="stage", disable=None,
+              leave=False) as progress:
+        dense = None
+        for position, partitioner in enumerate(budgets):
+            progress.set_postfix_str(f"tracing and analysing the training graphs "
+                                     f"(activation_memory_budget {partitioner:g})")
+            states = _capture(model, inputs, dataclasses.replace(config, activation_memory_budget=partitioner),
+                              trace_batch if search else None, compose_blocks)
+            dense = dense or states
+            progress.update()
+            progress.set_postfix_str("searching the largest batch" if search else "solving")
+            plan = _solve_plan(model, states, dense, partitioner, balance, budget, mem_gb, batch_size,
+                               seq_len, trace_batch, optimizer, menu, min_rows, max_batch, world_size)
+            progress.update()
+            if plan.fits or position == len(budgets) - 1:
+                return plan
+    raise AssertionError("unreachable: budgets is never empty")
+
+
+def _check_budgets(budgets) -> tuple[float, ...]:
+    if isinstance(budgets, (int, float)):
+        budgets = (budgets,)
+    budgets = tuple(budgets)
+    if not budgets:
+        raise ValueError("activation_budgets must name at least one partitioner budget, e.g. (1.0,)")
+    for b in budgets:
+        check_activation_memory_budget(b)
+    return tuple(sorted({float(b) for b in budgets}, reverse=True))
+
+
+def _device_of(model: torch.nn.Module) -> str:
+    """The device type the model trains on; a meta model is planned for a GPU."""
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    return "cuda" if device == "meta" else device
 
 
 def _capture(model, inputs, config, symbolic_batch, compose_blocks) -> list[CompileState]:
-    """The model's analysed graphs: from one block per run where it has repeated blocks."""
+    """The model's analysed graphs: composed from three blocks per run where blocks repeat."""
     runs = find_repeated_blocks(model) if compose_blocks else ()
     if runs:
         try:
@@ -101,17 +141,15 @@ def _capture(model, inputs, config, symbolic_batch, compose_blocks) -> list[Comp
                 states = capture_analyses(model, inputs, config, symbolic_batch)
             return compose_states(states, runs)
         except Exception as error:  # noqa: BLE001 - any failure here is retried the slow way, loudly
-            warnings.warn(f"plan(): could not plan from one block per run of repeated blocks "
+            warnings.warn(f"plan(): could not plan from three blocks per run of repeated blocks "
                           f"({type(error).__name__}: {error}); tracing every block instead (slower; "
                           f"compose_blocks=False skips the attempt)", stacklevel=3)
     return capture_analyses(model, inputs, config, symbolic_batch)
 
 
-def _solve_plan(model, states, budget, mem_gb, batch_size, seq_len, trace_batch, optimizer, menu,
-                min_rows, max_batch, world_size) -> Plan:
-    unsharded = parameter_bytes(model.parameters(), optimizer)
-    mm = MemoryModel(
-        *_sharded(unsharded, world_size),
+def _memory_model(states, parameter_state, trace_batch, min_rows) -> MemoryModel:
+    return MemoryModel(
+        *parameter_state,
         graphs=tuple(s.analysis.memory for s in states),
         inputs=tuple(i for gi, s in enumerate(states)
                      for i in s.analysis.sampleable_inputs(s.sites, prefix=f"{gi}:")),
@@ -119,11 +157,22 @@ def _solve_plan(model, states, budget, mem_gb, batch_size, seq_len, trace_batch,
         min_rows=min_rows,
     )
 
+
+def _solve_plan(model, states, dense_states, partitioner, balance, budget, mem_gb, batch_size, seq_len,
+                trace_batch, optimizer, menu, min_rows, max_batch, world_size) -> Plan:
+    """The plan at partitioner budget ``partitioner`` (``states`` traced under it); the baseline
+    figures are dense training's at budget 1 (``dense_states``)."""
+    unsharded = parameter_bytes(model.parameters(), optimizer)
+    mm = _memory_model(states, _sharded(unsharded, world_size), trace_batch, min_rows)
+    dense_mm = mm if dense_states is states else _memory_model(dense_states, _sharded(unsharded, world_size),
+                                                               trace_batch, min_rows)
+
     def solve_at(batch: int) -> Solution:
         return solve(mm.choices_at(batch, menu), budget - mm.fixed_at(batch))
 
     # Sizes are affine in the batch: the lines give the answer, an exact check confirms it.
-    baseline_max = _largest_near(lambda b: mm.peak(b) <= budget, mm.batch_estimate(budget), max_batch)
+    baseline_max = _largest_near(lambda b: dense_mm.peak(b) <= budget, dense_mm.batch_estimate(budget),
+                                 max_batch)
     sampled_max = _largest_near(lambda b: solve_at(b).feasible and mm.step_peak() <= budget,
                                 mm.batch_estimate(budget, min(menu)), max_batch)
     batch = batch_size if batch_size is not None else max(sampled_max, 1)
@@ -132,21 +181,28 @@ def _solve_plan(model, states, budget, mem_gb, batch_size, seq_len, trace_batch,
     fits = solution.feasible and peak <= budget
     need = max(mm.fixed_at(batch) + solution.min_bytes, mm.step_peak())
     activations = mm.planned_activations(batch, solution.ratios)
+    sampled = [(i.sampled_linear(), num_kept_rows(i.readers[0].rows, solution.ratios[i.key], min_rows))
+               for i in mm.inputs if solution.ratios[i.key] < 1.0]
+    step_time = step_time_ratio([s.analysis.cost for s in states], sampled,
+                                [s.analysis.cost for s in dense_states], balance)
     return Plan(
         mem_gb=mem_gb, fits=fits, batch_size=batch, seq_len=seq_len, peak_bytes=peak,
-        baseline_peak_bytes=mm.peak(batch), activation_bytes=activations,
-        baseline_activation_bytes=mm.activations(batch), max_batch_size=sampled_max,
+        baseline_peak_bytes=dense_mm.peak(batch), activation_bytes=activations,
+        baseline_activation_bytes=dense_mm.activations(batch), max_batch_size=sampled_max,
         baseline_max_batch_size=baseline_max, keep_ratios=_keep_ratios(mm, solution),
         breakdown={
             "parameters": mm.parameters, "gradients": mm.gradients, "optimizer": mm.optimizer,
             "activations": activations, "transient": mm.transient(batch),
-            "baseline_activations": mm.activations(batch), "step_temporaries": mm.step_temporaries,
+            "baseline_activations": dense_mm.activations(batch), "baseline_transient": dense_mm.transient(batch),
+            "step_temporaries": mm.step_temporaries,
         },
         layers=_layers(mm, states, solution, batch),
         optimizer=optimizer,
         advice="" if fits else _advice(mm, budget, batch, need, sampled_max, menu,
                                        _fsdp_world_size(mm, unsharded, world_size, budget, batch, menu)),
         min_peak_bytes=need,
+        activation_memory_budget=partitioner,
+        predicted_step_time=round(step_time, 4),
     )
 
 

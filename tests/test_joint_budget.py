@@ -1,0 +1,178 @@
+"""Keep ratios and the partitioner budget chosen together: the time model, the budget menu under
+``mem_gb`` and ``plan()``, and what a plan carries to the compile."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import wtacompile
+from hf_models import build
+from wtacompile import Plan, plan
+from wtacompile.analysis.graph_cost import graph_cost
+from wtacompile.analysis.partition_trace import trace_partition
+from wtacompile.config import WTAConfig
+from wtacompile.memory import measure_training_step
+from wtacompile.time_model import GraphCost, SampledLinear, sampling_change, step_time, step_time_ratio
+
+AOT = {"inner": "aot_eager"}
+
+
+def _batch4(batch):
+    return {k: v.repeat(4, *([1] * (v.dim() - 1))) for k, v in batch.items()}
+
+
+# --- the time model: arithmetic on hand-written numbers -------------------------------------
+
+
+def test_sampling_change_counts_the_smaller_weight_gradients_and_the_draw():
+    linear = SampledLinear(rows=100, in_features=8, itemsize=4, out_features=(16, 4))
+    flops, nbytes = sampling_change(linear, kept_rows=30)
+    assert flops == -(2 * 70 * 8 * 16 + 2 * 70 * 8 * 4)  # two dW GEMMs on 30 rows, not 100
+    assert nbytes == 4 * 100 + 30 * (8 * 4 + 12) + 30 * 16 * 4 + 30 * 4 * 4
+    assert sampling_change(linear, kept_rows=100)[0] == 0  # keeping every row saves no FLOP
+
+
+def test_step_time_ratio_weighs_memory_traffic_by_the_machine_balance():
+    dense = GraphCost(flops=1000.0, bytes=100.0)
+    recompute = GraphCost(flops=1000.0, bytes=150.0)  # a lower partitioner budget: more traffic
+    assert step_time((dense,), (), balance=2.0) == 1200.0
+    assert step_time_ratio((recompute,), (), (dense,), balance=2.0) == pytest.approx(1300 / 1200)
+    assert step_time_ratio((recompute,), (), (dense,), balance=0.0) == 1.0  # compute-bound device
+    wide = SampledLinear(rows=100, in_features=64, itemsize=4, out_features=(64,))
+    flops, nbytes = sampling_change(wide, 50)
+    assert step_time((dense,), [(wide, 50)], balance=2.0) == 1200.0 + flops + 2.0 * nbytes < 1200.0
+    narrow = SampledLinear(rows=10, in_features=5, itemsize=4, out_features=(10,))
+    assert step_time((dense,), [(narrow, 5)], balance=2.0) > 1200.0  # the draw costs more than it saves
+
+
+def test_graph_cost_counts_each_gemm_of_forward_and_backward():
+    """An MLP whose input needs no gradient: 2 forward GEMMs, 2 weight-gradient GEMMs and one
+    input-gradient GEMM (the hidden layer's), each 2·rows·in·out FLOPs."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32, bias=False), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 8, bias=False))
+    captured = []
+
+    def backend(gm, inputs):
+        captured.append(graph_cost(trace_partition(gm, WTAConfig(inner="aot_eager"))))
+        return gm.forward
+
+    torch.compile(model, backend=backend)(torch.randn(64, 16)).sum().backward()
+    (cost,) = captured
+    first, second = 2 * 64 * 16 * 32, 2 * 64 * 32 * 8
+    assert cost.flops == 2 * first + 3 * second
+    assert cost.bytes > 0 and sum(f for _, f, _ in cost.owners) == cost.flops
+
+
+# --- options and plans carry the budget ------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, True, "0.5"])
+def test_activation_memory_budget_option_is_validated(bad):
+    with pytest.raises(ValueError, match="activation_memory_budget must be a number in \\[0, 1\\]"):
+        WTAConfig.from_options({"activation_memory_budget": bad})
+
+
+def test_plan_sets_the_partitioner_budget_and_conflicts_with_one_given():
+    base = Plan(mem_gb=1.0, fits=True, batch_size=2, seq_len=16, peak_bytes=10, baseline_peak_bytes=20,
+                activation_bytes=5, baseline_activation_bytes=9, max_batch_size=4,
+                baseline_max_batch_size=2, keep_ratios={"w": 0.3}, breakdown={},
+                activation_memory_budget=0.5, predicted_step_time=0.97)
+    config = WTAConfig.from_options({"plan": base})
+    assert config.activation_memory_budget == 0.5 and dict(config.keep_ratios) == {"w": 0.3}
+    with pytest.raises(ValueError, match="conflict"):
+        WTAConfig.from_options({"plan": base, "activation_memory_budget": 1.0})
+    assert Plan.from_json(base.to_json()) == base
+    old = json.loads(base.to_json())  # a plan written before the budget existed: budget 1
+    old["schema"] = "wtacompile.plan/1"
+    del old["activation_memory_budget"], old["predicted_step_time"]
+    read = Plan.from_json(json.dumps(old))
+    assert read.activation_memory_budget == 1.0 and read.keep_ratios == {"w": 0.3}
+    bad = json.loads(base.to_json())
+    bad["activation_memory_budget"] = 2
+    with pytest.raises(ValueError, match="activation_memory_budget must be in"):
+        Plan.from_json(json.dumps(bad))
+
+
+def test_plan_argument_activation_budgets_is_validated():
+    model, batch = build("llama")
+    with pytest.raises(ValueError, match="activation_memory_budget must be a number"):
+        plan(model, 1.0, example_inputs=batch, activation_budgets=(1.0, 2.0))
+    with pytest.raises(ValueError, match="at least one partitioner budget"):
+        plan(model, 1.0, example_inputs=batch, activation_budgets=())
+
+
+# --- one solver for memory and time ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_budgets():
+    """A tiny Llama at batch 8, and three plans: ample memory, the least peak sampling alone
+    reaches, and the least with recompute too."""
+    model, batch = build("llama")
+    batch = _batch4(batch)
+    ample = plan(model, 1.0, example_inputs=batch, inner="aot_eager")
+    return model, batch, ample
+
+
+def test_budget_dense_training_fits_stays_exact_at_partitioner_budget_1(llama_budgets):
+    model, batch, ample = llama_budgets
+    assert ample.fits and ample.keep_ratios == {}
+    assert ample.activation_memory_budget == 1.0 and ample.predicted_step_time == pytest.approx(1.0)
+    wtacompile.clear_reports()
+    torch.compile(copy.deepcopy(model), backend="wtacrs", options=dict(AOT, mem_gb=1.0))(**batch)
+    reports = [r for r in wtacompile.compile_reports() if r.training]
+    assert reports and all(not r.sampled_sites and r.activation_memory_budget == 1.0 for r in reports)
+
+
+def test_sampling_alone_first_then_recompute_when_it_cannot_fit(llama_budgets):
+    model, batch, ample = llama_budgets
+    # Between dense and sampling's least: sampling at partitioner budget 1 fits, and is faster.
+    between = (ample.baseline_peak_bytes + ample.min_peak_bytes) / 2 / 1e9
+    sampled = plan(model, between, example_inputs=batch, inner="aot_eager")
+    assert sampled.fits and sampled.keep_ratios and sampled.activation_memory_budget == 1.0
+    assert sampled.predicted_step_time < 1.0
+    # Below sampling's least: only recompute (with sampling) fits.
+    below = (ample.min_peak_bytes - 0.02 * (ample.baseline_peak_bytes - ample.min_peak_bytes)) / 1e9
+    alone = plan(model, below, example_inputs=batch, inner="aot_eager", activation_budgets=(1.0,))
+    assert not alone.fits
+    joint = plan(model, below, example_inputs=batch, inner="aot_eager")
+    assert joint.fits and joint.activation_memory_budget < 1.0, str(joint)
+    assert joint.peak_bytes <= below * 1e9 < alone.peak_bytes
+    assert joint.baseline_peak_bytes == ample.baseline_peak_bytes  # baseline: dense at budget 1
+    assert f"activation_memory_budget={joint.activation_memory_budget:g}" in str(joint)
+
+    # The backend makes the same choice, and what it compiles saves what the plan predicts.
+    wtacompile.clear_reports()
+    torch._dynamo.reset()
+    options = dict(AOT, mem_gb=below)
+    saved, _ = measure_training_step(copy.deepcopy(model), batch, options)
+    reports = [r for r in wtacompile.compile_reports() if r.training]
+    assert {r.activation_memory_budget for r in reports} == {joint.activation_memory_budget}
+    assert all(r.predicted_step_time is not None for r in reports)
+    assert saved == pytest.approx(joint.activation_bytes, rel=0.05)
+    # The plan, applied, compiles under its budget and saves the same.
+    torch._dynamo.reset()
+    saved_from_plan, _ = measure_training_step(copy.deepcopy(model), batch, dict(AOT, plan=joint))
+    assert saved_from_plan == saved
+
+
+def test_budget_nothing_meets_names_the_recompute_it_tried(llama_budgets):
+    model, batch, _ = llama_budgets
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed,
+                       match="activation_memory_budget 0.3") as info:
+        torch.compile(copy.deepcopy(model), backend="wtacrs", options=dict(AOT, mem_gb=1e-6))(**batch)
+    assert isinstance(info.value.inner_exception, ValueError)
+
+
+def test_a_global_partitioner_budget_is_respected_not_searched():
+    from wtacompile.backend import partitioner_menu
+    from wtacompile.solver import DEFAULT_BUDGET_MENU
+
+    searching = WTAConfig(mem_gb=1.0)
+    assert partitioner_menu(searching) == DEFAULT_BUDGET_MENU
+    assert partitioner_menu(WTAConfig()) == (None,)  # no memory budget: torch's setting
+    assert partitioner_menu(WTAConfig(mem_gb=1.0, activation_memory_budget=0.7)) == (0.7,)
+    with torch._functorch.config.patch(activation_memory_budget=0.9):
+        assert partitioner_menu(searching) == (None,)  # the user chose one: not overridden
