@@ -42,7 +42,8 @@ __all__ = [
 
 #: What the planner runs: facts and analysis, no decision, no rewrite.
 ANALYSIS_PASSES: tuple[GraphPass, ...] = (find_linears, analyze_savings)
-#: What the backend runs on every training graph.
+#: What the backend runs on every training graph, in this order (the first three once per partitioner
+#: budget it tries under ``mem_gb``: :func:`wtacompile.backend.partitioner_menu`).
 PIPELINE: tuple[GraphPass, ...] = (*ANALYSIS_PASSES, choose_ratios, rewrite_sampled)
 
 

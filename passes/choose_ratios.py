@@ -39,7 +39,13 @@ log = logging.getLogger("wtacompile")
 
 class BudgetNotMet(ValueError):
     """``mem_gb`` cannot be met by this graph at its partitioner budget, even at the smallest ratio
-    (the backend then tries a lower partitioner budget, :data:`wtacompile.solver.DEFAULT_BUDGET_MENU`)."""
+    (the backend then tries a lower partitioner budget, :data:`wtacompile.solver.DEFAULT_BUDGET_MENU`,
+    unless ``parameters_alone``: parameters, gradients and optimizer state exceed it by themselves,
+    which no recompute changes)."""
+
+    def __init__(self, message: str, parameters_alone: bool = False) -> None:
+        super().__init__(message)
+        self.parameters_alone = parameters_alone
 
 
 #: Σ out_features of the linears sharing an input below which sampling it only for speed does not
@@ -129,13 +135,14 @@ def _budget_ratios(state: CompileState) -> dict[str, float]:
             f"wtacrs: mem_gb={config.mem_gb:g} cannot be met: this graph needs about "
             f"{format_bytes(committed + needed)} even at keep ratio {min(DEFAULT_MENU)}{recompute}. "
             "Use a smaller batch, freeze layers or add LoRA, or raise mem_gb; "
-            "wtacompile.plan(model, mem_gb) shows the breakdown."
+            "wtacompile.plan(model, mem_gb) shows the breakdown.",
+            parameters_alone=model.step_peak() > budget,
         )
     ratios = dict(solution.ratios)
     if any(site.dynamic_rows for site in state.sites):
         ratios = _no_larger_than_before(ratios, state, ledger.earlier_ratios(key))
     weights = {w: ratios.get(g.root, 1.0) for g in state.analysis.groups for w in g.weights}
-    ledger.commit(key, model.peak(None, ratios), weights)
+    ledger.commit(key, model.peak(None, ratios), weights, config.activation_memory_budget)
     return weights
 
 

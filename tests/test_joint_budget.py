@@ -159,11 +159,20 @@ def test_sampling_alone_first_then_recompute_when_it_cannot_fit(llama_budgets):
 
 
 def test_budget_nothing_meets_names_the_recompute_it_tried(llama_budgets):
-    model, batch, _ = llama_budgets
+    model, batch, ample = llama_budgets
+    b = ample.breakdown
+    state_alone = b["parameters"] + b["gradients"] + b["optimizer"] + b["step_temporaries"]
+    # Room for the optimizer step, none for activations: every partitioner budget is tried.
+    squeezed = (state_alone + 1) / 1e9
+    assert not plan(model, squeezed, example_inputs=batch, inner="aot_eager").fits
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed,
                        match="activation_memory_budget 0.3") as info:
-        torch.compile(copy.deepcopy(model), backend="wtacrs", options=dict(AOT, mem_gb=1e-6))(**batch)
+        torch.compile(copy.deepcopy(model), backend="wtacrs", options=dict(AOT, mem_gb=squeezed))(**batch)
     assert isinstance(info.value.inner_exception, ValueError)
+    # Parameters and optimizer state alone over the budget: no recompute can help, none is tried.
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="activation_memory_budget 1\\b"):
+        torch.compile(copy.deepcopy(model), backend="wtacrs", options=dict(AOT, mem_gb=1e-6))(**batch)
 
 
 def test_a_global_partitioner_budget_is_respected_not_searched():

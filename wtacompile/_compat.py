@@ -38,10 +38,9 @@ __all__ = [
     "unwrap_compiled",
 ]
 
-# The root object of a source: everything before the first module, parameter or buffer step —
-# ``L['self']``, or ``L['args'][0]`` where the model's forward is wrapped by a ``*args`` decorator
+# The root object of a source: ``L['self']``, or ``L['args'][0]`` where the model's forward is wrapped by a ``*args`` decorator
 # (Hugging Face's output-capturing wrappers in transformers 5).
-_ROOT = re.compile(r"^.*?(?=\._(?:modules|parameters|buffers)\[)")
+_ROOT = re.compile(r"^(?:L\['args'\]\[\d+\]|[LG]\['[^']*'\])")
 _ITEM = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\[(\d+)\]|\[\'([^']*)\'\]")
 
 

@@ -6,11 +6,13 @@ runs :data:`wtacompile.passes.PIPELINE`::
 
     find_linears → analyze_savings → choose_ratios → rewrite_sampled → inner compiler
 
-Under ``mem_gb`` the partitioner budget is chosen with the keep ratios: the analysis and the
-choice run at each budget of :data:`wtacompile.solver.DEFAULT_BUDGET_MENU`, largest first, until
-the predicted peak fits. Less recompute is less time (:mod:`wtacompile.time_model`), so the first
-budget that fits gives the fastest step; at it the solver picks the least-variance ratios. A
-budget dense training fits stays exact, at partitioner budget 1.
+(the analysis passes and ``choose_ratios`` run here, so that under ``mem_gb`` they can run again
+at another partitioner budget). Under ``mem_gb`` the partitioner budget is chosen with the keep
+ratios: the analysis and the choice run at each budget of
+:data:`wtacompile.solver.DEFAULT_BUDGET_MENU`, largest first, until the predicted peak fits — the
+least recompute that fits (recompute is what costs time; sampling saves some), and at it the
+least-variance ratios. A budget dense training fits stays exact, at partitioner budget 1. A
+global ``activation_memory_budget`` the user set is used as it is, not searched.
 
 Inference graphs (grad disabled, or nothing in the graph requires grad) skip the passes entirely
 and go straight to the inner compiler (:mod:`wtacompile.lower`): zero overhead. Every decision is
@@ -96,7 +98,8 @@ def partitioner_menu(config: WTAConfig) -> tuple[float | None, ...]:
     """
     if config.activation_memory_budget is not None:
         return (config.activation_memory_budget,)
-    if config.mem_gb is None or torch._functorch.config.activation_memory_budget != 1.0:
+    if (config.mem_gb is None or config.inner == "eager"  # eager: no partitioner to budget
+            or torch._functorch.config.activation_memory_budget != 1.0):
         return (None,)
     return DEFAULT_BUDGET_MENU
 
@@ -107,6 +110,13 @@ def _analyse_and_decide(gm: fx.GraphModule, state: CompileState, example_inputs
     until the decision fits (only ``mem_gb`` can miss), and the decision's predicted step time
     relative to this graph's dense training at the first budget tried."""
     menu = partitioner_menu(state.config)
+    if state.budget is not None and len(menu) > 1:
+        # A recompile (a new length under dynamic shapes) recomputes no less than the compile
+        # before it chose: like its ratios, its budget was fitted at a longer length.
+        graph = frozenset(id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter))
+        earlier = state.budget.earlier_partitioner_budget(graph)
+        if earlier is not None:
+            menu = tuple(b for b in menu if b <= earlier) or (earlier,)
     reference = None
     for position, budget in enumerate(menu):
         trial = state if budget is None else dataclasses.replace(
@@ -115,8 +125,8 @@ def _analyse_and_decide(gm: fx.GraphModule, state: CompileState, example_inputs
         reference = reference or analysed.analysis
         try:
             decided = choose_ratios(gm, analysed)
-        except BudgetNotMet:
-            if position == len(menu) - 1:
+        except BudgetNotMet as error:
+            if position == len(menu) - 1 or error.parameters_alone:
                 raise
             log.info("wtacrs mem_gb: does not fit at activation_memory_budget %s; trying %s",
                      budget, menu[position + 1])

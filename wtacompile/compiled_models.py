@@ -40,6 +40,7 @@ class BudgetLedger:
     def __init__(self) -> None:
         # graph (its parameters' ids) -> (bytes committed, keep ratio per weight)
         self._graphs: dict[frozenset[int], tuple[int, dict[str, float]]] = {}
+        self._partitioner_budgets: dict[frozenset[int], float] = {}
 
     def committed_by_others(self, graph: frozenset[int]) -> int:
         """What the model's other graphs committed (a recompile of ``graph`` replaces its own)."""
@@ -49,8 +50,15 @@ class BudgetLedger:
         """Keep ratios (per weight) an earlier compile of ``graph`` chose; empty if none."""
         return dict(self._graphs.get(graph, (0, {}))[1])
 
-    def commit(self, graph: frozenset[int], nbytes: int, ratios: dict[str, float]) -> None:
+    def earlier_partitioner_budget(self, graph: frozenset[int]) -> float | None:
+        """The partitioner budget an earlier compile of ``graph`` chose; ``None`` if none."""
+        return self._partitioner_budgets.get(graph)
+
+    def commit(self, graph: frozenset[int], nbytes: int, ratios: dict[str, float],
+               partitioner_budget: float | None = None) -> None:
         self._graphs[graph] = (nbytes, dict(ratios))
+        if partitioner_budget is not None:
+            self._partitioner_budgets[graph] = partitioner_budget
 
 
 _LEDGERS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, BudgetLedger]] = weakref.WeakKeyDictionary()

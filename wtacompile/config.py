@@ -125,8 +125,7 @@ class WTAConfig:
             plan = _read_plan(kwargs.pop("plan"))
             kwargs["keep_ratios"] = dict(plan.keep_ratios)
             kwargs["keep_ratio"] = 1.0  # what the plan does not sample stays exact
-            if plan.activation_memory_budget < 1.0:
-                kwargs["activation_memory_budget"] = plan.activation_memory_budget
+            kwargs["activation_memory_budget"] = plan.activation_memory_budget  # 1 too: not torch's global
         return cls(**kwargs)
 
     def ratio_for(self, weight_name: str) -> float | None:

@@ -60,7 +60,7 @@ class Plan:
     # default saved set, no extra recompute), and the predicted step time relative to dense
     # training at budget 1 (wtacompile.time_model).
     activation_memory_budget: float = 1.0
-    predicted_step_time: float = 1.0
+    predicted_step_time: float | None = None  # None: a plan of schema /1, made before the model
 
     def plot(self, path: str) -> None:
         """Draw per-layer saved bytes (dense vs plan) and the peak breakdown against the budget to
@@ -124,8 +124,9 @@ class Plan:
                      "gradients + optimizer-step temporaries))")
         recompute = ("no extra recompute" if self.activation_memory_budget >= 1.0 else
                      f"activation_memory_budget={self.activation_memory_budget:g}: recomputes more")
-        lines.append(f"  partitioner: {recompute}; predicted step time {self.predicted_step_time:.2f}x "
-                     "dense training")
+        timing = ("" if self.predicted_step_time is None else
+                  f"; predicted step time {self.predicted_step_time:.2f}x dense training")
+        lines.append(f"  partitioner: {recompute}{timing}")
         lines.append(f"  largest batch that fits: {self.baseline_max_batch_size} dense, "
                      f"{self.max_batch_size} with sampling")
         if self.advice:

@@ -54,7 +54,7 @@ class GraphReport:
     sites: tuple[SiteReport, ...] = ()
     # The partitioner budget the graph was compiled under (None: torch's global setting), and the
     # predicted step time relative to its dense training at the first budget tried
-    # (wtacompile.time_model; 1 under mem_gb, else the graph's own).
+    # (wtacompile.time_model; 1 under a mem_gb search, else the one it was compiled under).
     activation_memory_budget: float | None = None
     predicted_step_time: float | None = None
 

@@ -84,7 +84,7 @@ def graph_memory(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer
 
 
 # The compiled frame's model: ``L['self']``, or ``L['args'][0]`` under a ``*args`` forward wrapper.
-_ROOT_OBJECT = re.compile(r"^L\['[^']*'\](?:\[[^\]]*\])*")
+_ROOT_OBJECT = re.compile(r"^(?:L\['args'\]\[\d+\]|L\['[^']*'\])")
 _MODULE_DICT = re.compile(r"(?:__dict__\.)?_modules\.")  # a wrapper's module reached by __getattr__ (PEFT)
 _MODULE_KEY = re.compile(r"\._modules\['([^']*)'\]|\['([^']*)'\]|\[(\d+)\]")
 

@@ -23,7 +23,7 @@ from wtacompile.memory_model import MemoryModel, format_bytes, parameter_bytes
 from wtacompile.passes import CompileState
 from wtacompile.sites import FREES
 from wtacompile.solver import DEFAULT_BUDGET_MENU, DEFAULT_MENU, Solution, solve
-from wtacompile.time_model import balance_for, step_time_ratio
+from wtacompile.time_model import GraphCost, balance_for, step_time_ratio
 from .blocks import compose_states, find_repeated_blocks, one_block_per_run
 from .capture import capture_analyses
 from .inputs import default_example_inputs
@@ -56,11 +56,15 @@ def plan(
 
     The partitioner budgets ``activation_budgets`` (torch's ``activation_memory_budget``; lower
     recomputes more in backward) are tried largest first, the graphs analysed at each, until the
-    solver can fit the budget: less recompute is less time (:mod:`wtacompile.time_model`), and at
-    that budget the solver picks the least-variance ratios. A budget dense training fits is
-    planned exact at partitioner budget 1. ``activation_budgets=(1.0,)`` plans sampling alone.
-    The plan's ``predicted_step_time`` is relative to dense training at budget 1, on
-    ``device_type`` (default: the model's; ``"cuda"`` for a model on the meta device).
+    solver can fit the budget: the least recompute that fits (recompute is what costs time,
+    sampling saves some), and at that budget the least-variance ratios. A budget dense training
+    fits is planned exact at partitioner budget 1; ``activation_budgets=(1.0,)`` plans sampling
+    alone. At budgets below 1, a model composed from a few traced blocks may differ slightly from
+    its full trace (the partitioner's knapsack sees the whole graph): measured within 3%,
+    over-estimating. The largest-batch search is at the first budget. The plan's
+    ``predicted_step_time`` (:mod:`wtacompile.time_model`) is relative to dense training at the
+    first budget (1 by default), on ``device_type`` (default: the model's; ``"cuda"`` for a model
+    on the meta device).
 
     Works on a model built on the meta device (nothing is allocated) and on a real one (its
     parameters and buffers are swapped for fake twins while it is traced, then put back).
@@ -81,7 +85,7 @@ def plan(
     ``False`` traces every block.
     """
     _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size)
-    budgets = _check_budgets(activation_budgets)
+    budgets = _check_budgets(activation_budgets) if inner != "eager" else (1.0,)  # eager: no partitioner
     config = WTAConfig(keep_ratio=0.3, min_rows=min_rows, include=include, exclude=exclude,
                        inner=inner, optimizer=optimizer)
     balance = balance_for(device_type or _device_of(model))
@@ -110,9 +114,15 @@ def plan(
             plan = _solve_plan(model, states, dense, partitioner, balance, budget, mem_gb, batch_size,
                                seq_len, trace_batch, optimizer, menu, min_rows, max_batch, world_size)
             progress.update()
-            if plan.fits or position == len(budgets) - 1:
-                return plan
+            if plan.fits or position == len(budgets) - 1 or _state_alone(plan) > budget:
+                return plan  # (no recompute shrinks parameters, gradients and optimizer state)
     raise AssertionError("unreachable: budgets is never empty")
+
+
+def _state_alone(plan: Plan) -> int:
+    """The optimizer step's peak: parameters, gradients, optimizer state and step temporaries."""
+    b = plan.breakdown
+    return b["parameters"] + b["gradients"] + b["optimizer"] + b["step_temporaries"]
 
 
 def _check_budgets(budgets) -> tuple[float, ...]:
@@ -181,10 +191,7 @@ def _solve_plan(model, states, dense_states, partitioner, balance, budget, mem_g
     fits = solution.feasible and peak <= budget
     need = max(mm.fixed_at(batch) + solution.min_bytes, mm.step_peak())
     activations = mm.planned_activations(batch, solution.ratios)
-    sampled = [(i.sampled_linear(), num_kept_rows(i.readers[0].rows, solution.ratios[i.key], min_rows))
-               for i in mm.inputs if solution.ratios[i.key] < 1.0]
-    step_time = step_time_ratio([s.analysis.cost for s in states], sampled,
-                                [s.analysis.cost for s in dense_states], balance)
+    step_time = _step_time(states, dense_states, mm, solution, batch / trace_batch, balance)
     return Plan(
         mem_gb=mem_gb, fits=fits, batch_size=batch, seq_len=seq_len, peak_bytes=peak,
         baseline_peak_bytes=dense_mm.peak(batch), activation_bytes=activations,
@@ -204,6 +211,24 @@ def _solve_plan(model, states, dense_states, partitioner, balance, budget, mem_g
         activation_memory_budget=partitioner,
         predicted_step_time=round(step_time, 4),
     )
+
+
+def _step_time(states, dense_states, mm: MemoryModel, solution: Solution, scale: float,
+               balance: float) -> float:
+    """Predicted step time relative to ``dense_states``, at ``scale`` × the traced batch (the
+    graphs' work scales with the batch; the kept rows are counted at the planned batch)."""
+    def scaled(cost: GraphCost) -> GraphCost:
+        return GraphCost(cost.flops * scale, cost.bytes * scale)
+
+    sampled = []
+    for i in mm.inputs:
+        ratio = solution.ratios[i.key]
+        if ratio < 1.0:
+            linear = i.sampled_linear()
+            linear = dataclasses.replace(linear, rows=max(1, round(linear.rows * scale)))
+            sampled.append((linear, num_kept_rows(linear.rows, ratio, mm.min_rows)))
+    return step_time_ratio([scaled(s.analysis.cost) for s in states], sampled,
+                           [scaled(s.analysis.cost) for s in dense_states], balance)
 
 
 def _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size) -> None:
