@@ -4,7 +4,6 @@ used or refused, plan() leaving compiled code alone, non-finite gradients carrie
 import copy
 import gc
 import math
-import warnings
 
 import pytest
 import torch
