@@ -40,7 +40,7 @@ from wtacompile._compat import dynamo_origin, joint_parameter_inputs, storage_ro
 from wtacompile.analysis.graph_cost import graph_cost
 from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys
 from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, trace_partition
-from wtacompile.lower import expose_samples
+from wtacompile.lower import effective_partitioner_budget, expose_samples
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, InputGroup, SavingsAnalysis
 from .compile_state import CompileState
 from .rewrite_sampled import Rewritten, rewrite_sites
@@ -66,17 +66,11 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     # Verdicts are structure, not sizes: trace at the traced sizes (half the cost of a symbolic
     # trace) and size each input from its twin in the dense trace. Not under a partitioner budget
     # below 1: its knapsack sizes every input, and a symbolic scalar traced as its hint has none.
-    sampled = trace_partition(trial, config, static=_effective_budget(config) >= 1.0)
+    sampled = trace_partition(trial, config, static=effective_partitioner_budget(config) >= 1.0)
     groups = _group_by_input(dense, sampled, rewritten, dense_sizer)
     grouped = {w for group in groups for w in group.weights}
     untraced = tuple(s.weight for s in candidates if s.weight not in grouped)
     return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost))
-
-
-def _effective_budget(config) -> float:
-    if config.activation_memory_budget is not None:
-        return config.activation_memory_budget
-    return torch._functorch.config.activation_memory_budget
 
 
 def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: Rewritten,

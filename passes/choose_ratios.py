@@ -27,7 +27,7 @@ from types import MappingProxyType
 import torch
 import torch.fx as fx
 
-from wtacompile.compiled_models import BudgetLedger
+from wtacompile.compiled_models import BudgetLedger, graph_key
 from wtacompile.memory_model import INDEX_BYTES, MemoryModel, compact_bytes, format_bytes, parameter_bytes
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, SKIPPED, InputGroup, LinearSite, SiteDecision
 from wtacompile.solver import DEFAULT_MENU, solve
@@ -122,7 +122,7 @@ def _budget_ratios(state: CompileState) -> dict[str, float]:
         min_rows=config.min_rows,
     )
     ledger = state.budget if state.budget is not None else BudgetLedger()
-    key = frozenset(id(p) for p in parameters)
+    key = graph_key(state.example_inputs)
     committed = ledger.committed_by_others(key)
     budget = int(config.mem_gb * 1e9) - committed
     choices = model.choices_at(None, DEFAULT_MENU)

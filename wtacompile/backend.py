@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from wtacompile._compat import graph_root_module, parameter_names
-from wtacompile.compiled_models import align_settings, ledger_for, owning_model
+from wtacompile.compiled_models import align_settings, graph_key, ledger_for, owning_model
 from wtacompile.config import WTAConfig
 from wtacompile.estimator import num_kept_rows
 from wtacompile.lower import compile_graph
@@ -113,8 +113,7 @@ def _analyse_and_decide(gm: fx.GraphModule, state: CompileState, example_inputs
     if state.budget is not None and len(menu) > 1:
         # A recompile (a new length under dynamic shapes) recomputes no less than the compile
         # before it chose: like its ratios, its budget was fitted at a longer length.
-        graph = frozenset(id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter))
-        earlier = state.budget.earlier_partitioner_budget(graph)
+        earlier = state.budget.earlier_partitioner_budget(graph_key(example_inputs))
         if earlier is not None:
             menu = tuple(b for b in menu if b <= earlier) or (earlier,)
     reference = None

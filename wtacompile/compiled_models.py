@@ -29,9 +29,14 @@ import torch
 
 from wtacompile._compat import unwrap_compiled
 
-__all__ = ["BudgetLedger", "align_settings", "ledger_for", "owning_model"]
+__all__ = ["BudgetLedger", "align_settings", "graph_key", "ledger_for", "owning_model"]
 
 log = logging.getLogger("wtacompile")
+
+
+def graph_key(example_inputs) -> frozenset[int]:
+    """A graph's key in its model's ledger: its parameters (a recompile of it has the same)."""
+    return frozenset(id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter))
 
 
 class BudgetLedger:

@@ -35,6 +35,7 @@ from wtacompile.config import WTAConfig
 __all__ = [
     "PinSampledChoices",
     "compile_graph",
+    "effective_partitioner_budget",
     "expose_samples",
     "inner_compiler",
     "partitioner_budget",
@@ -73,6 +74,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: WTA
     if len(gm.graph.output_node().args[0]) == num_outputs:
         return compiled
     return lambda *args: compiled(*args)[:num_outputs]  # dynamo calls backends' functions unboxed
+
+
+def effective_partitioner_budget(config: WTAConfig) -> float:
+    """The partitioner budget ``config``'s graphs are compiled under: its own, else torch's."""
+    if config.activation_memory_budget is not None:
+        return config.activation_memory_budget
+    return torch._functorch.config.activation_memory_budget
 
 
 def partitioner_budget(config: WTAConfig) -> contextlib.AbstractContextManager:
