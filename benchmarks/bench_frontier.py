@@ -109,7 +109,7 @@ class Arm:
         return meter.activation_bytes, peak
 
 
-def run_family(family, budgets, ratios, steps, warmup, device, log):
+def run_family(family, budgets, ratios, steps, warmup, device, log, row_scores=("gradient",)):
     base, batch = build(family)
     base.to(device)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -117,7 +117,10 @@ def run_family(family, budgets, ratios, steps, warmup, device, log):
     for budget in budgets:
         arms.append(Arm(f"inductor @{budget:g}", base, batch, budget, None, device))
         for ratio in ratios:
-            arms.append(Arm(f"wtacrs {ratio:g} @{budget:g}", base, batch, budget, ratio, device))
+            for scores in row_scores:
+                tag = "" if len(row_scores) == 1 else f" {scores}"
+                arms.append(Arm(f"wtacrs {ratio:g}{tag} @{budget:g}", base, batch, budget, ratio, device,
+                                options={"keep_ratio": ratio, "row_scores": scores}))
     for arm in arms:
         start = time.perf_counter()
         for _ in range(warmup):
@@ -138,24 +141,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per arm (interleaved)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--png", default=None, help="write the frontier picture here (needs matplotlib)")
+    parser.add_argument("--row-scores", nargs="+", choices=("gradient", "norm"), default=["gradient"],
+                        help="wtacrs arms per scoring: learned ‖dY‖ prediction (default) and/or ‖X‖ alone")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; ratios to Inductor at budget 1; {args.steps} interleaved steps per arm")
-    header = (f"{'family':<7} {'arm':<18} {'saved MiB':>10} {'x saved':>8} {'step ms':>9} {'x time':>7}"
+    header = (f"{'family':<7} {'arm':<26} {'saved MiB':>10} {'x saved':>8} {'step ms':>9} {'x time':>7}"
               + (f" {'peak MiB':>9} {'x peak':>7}" if device == "cuda" else ""))
     results = {}
     for family in args.families:
         rows = run_family(family, args.budgets, args.ratios, args.steps, args.warmup, device,
-                          lambda s: print(s, flush=True))
+                          lambda s: print(s, flush=True), tuple(args.row_scores))
         results[family] = rows
         ref = next(r for r in rows if r[0].keep_ratio is None and r[0].budget == 1.0) \
             if 1.0 in args.budgets else rows[0]
         print(header)
         print("-" * len(header))
         for arm, median, saved, peak in rows:
-            line = (f"{family:<7} {arm.name:<18} {saved / 2**20:>10.1f} {saved / ref[2]:>8.3f} "
+            line = (f"{family:<7} {arm.name:<26} {saved / 2**20:>10.1f} {saved / ref[2]:>8.3f} "
                     f"{median * 1e3:>9.0f} {median / ref[1]:>7.3f}")
             if peak is not None:
                 line += f" {peak / 2**20:>9.0f} {peak / ref[3]:>7.3f}"
@@ -178,7 +183,7 @@ def plot(results, path: str) -> None:
         ref = next((r for r in rows if r[0].keep_ratio is None and r[0].budget == 1.0), rows[0])
         methods = {}
         for arm, median, saved, _ in rows:
-            label = "Inductor (budget)" if arm.keep_ratio is None else f"wtacrs {arm.keep_ratio:g}"
+            label = "Inductor (budget)" if arm.keep_ratio is None else arm.name.rsplit(" @", 1)[0]
             methods.setdefault(label, []).append((arm.budget, median / ref[1], saved / ref[2]))
         for label, points in methods.items():
             points.sort(reverse=True)

@@ -43,7 +43,7 @@ from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, tra
 from wtacompile.lower import effective_partitioner_budget, expose_samples
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, InputGroup, SavingsAnalysis
 from .compile_state import CompileState
-from .rewrite_sampled import Rewritten, rewrite_sites
+from .rewrite_sampled import Rewritten, fresh_states, rewrite_sites
 
 __all__ = ["analyze_savings"]
 
@@ -61,7 +61,8 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
         return dataclasses.replace(state, analysis=SavingsAnalysis((), (), memory, cost))
 
     trial = copy_module(gm)
-    rewritten = rewrite_sites(trial, candidates, {s.weight: s.requested_ratio for s in candidates}, config)
+    rewritten = rewrite_sites(trial, candidates, {s.weight: s.requested_ratio for s in candidates}, config,
+                              fresh_states)
     expose_samples(trial)  # as the real compile will: the draw stays in forward
     # Verdicts are structure, not sizes: trace at the traced sizes (half the cost of a symbolic
     # trace) and size each input from its twin in the dense trace. Not under a partitioner budget

@@ -34,3 +34,7 @@ def test_inductor_inner_compiler_samples_and_saves_less():
     assert exact and all(p.grad is not None for _, p in exact)
     for name, p in exact:
         torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-3, atol=1e-4)
+    # The gradient-aware scores' states: Inductor's backward wrote each sampled weight's state
+    # in place (a graph input mutated in backward), once for the one backward.
+    states = wtacompile.sampler_state_dict(model)
+    assert set(states) == sampled and all(s[-1].item() == 1 for s in states.values())

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wtacompile import Plan, WTAConfig
+from wtacompile.lower import compile_graph
 from wtacompile.memory_model import GraphMemory, Size, compact_bytes
 from wtacompile.passes import ANALYSIS_PASSES, PIPELINE, CompileState, choose_ratios, run_passes
 from wtacompile.passes.choose_ratios import MIN_OUTPUTS_FOR_SPEED
@@ -92,9 +93,9 @@ def _run(model, x, passes, **options):
     states = []
 
     def backend(gm, inputs):
-        states.append(run_passes(gm, CompileState(WTAConfig(inner="aot_eager", **options), tuple(inputs)),
-                                 passes))
-        return gm.forward
+        config = WTAConfig(inner="aot_eager", **options)
+        states.append(run_passes(gm, CompileState(config, tuple(inputs)), passes))
+        return compile_graph(gm, inputs, config, None)  # what runs a rewritten graph
 
     torch.compile(model, backend=backend)(x).sum().backward()
     return states[0]

@@ -6,11 +6,14 @@
 * ``torch.compile(model, backend="wtacrs", options=...)`` — the compiler backend
   (see :class:`WTAConfig` for options, :func:`last_compile_report` for what it decided).
 * :func:`plan` — what fits in a memory budget, before anything runs.
+* :func:`sampler_state_dict` / :func:`load_sampler_state_dict` / :func:`reset_sampler_state` —
+  the learned ``‖dY‖`` predictions that gradient-aware row scores keep per sampled weight.
 """
 
 from wtacompile.config import WTAConfig
 from wtacompile.eager import sample_linears
 from wtacompile.estimator import METHODS, RowSelection, num_kept_rows, select_rows
+from wtacompile.grad_predictor import load_sampler_state_dict, reset_sampler_state, sampler_state_dict
 from wtacompile.memory import SavedTensorMeter
 from wtacompile.ops import sampled_linear
 from wtacompile.planning import LayerPlan, Plan, plan
@@ -38,9 +41,12 @@ __all__ = [
     "clear_reports",
     "compile_reports",
     "last_compile_report",
+    "load_sampler_state_dict",
     "num_kept_rows",
     "plan",
+    "reset_sampler_state",
     "sample_linears",
     "sampled_linear",
+    "sampler_state_dict",
     "select_rows",
 ]

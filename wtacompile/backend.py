@@ -145,7 +145,8 @@ def _sampled_linears(state: CompileState) -> list[tuple[SampledLinear, int]]:
             readers = [sites[w] for w in group.weights]
             first = readers[0]
             linear = SampledLinear(first.rows, first.in_features, first.itemsize,
-                                   tuple(r.out_features for r in readers))
+                                   tuple(r.out_features for r in readers),
+                                   state.config.row_scores == "gradient")
             sampled.append((linear, num_kept_rows(first.rows, decision.keep_ratio, state.config.min_rows)))
     return sampled
 

@@ -30,9 +30,11 @@ __all__ = [
     "as_patterns",
     "check_activation_memory_budget",
     "check_mem_gb",
+    "check_row_scores",
 ]
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+ROW_SCORES = ("gradient", "norm")
 # Optimizer state tensors per trainable parameter, for the memory model.
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd_momentum": 1, "none": 0}
 
@@ -61,6 +63,9 @@ class WTAConfig:
             min-cut partitioner saves by default, lower recomputes more) this model's graphs are
             compiled under. ``None`` (default): torch's global setting, except under ``mem_gb``,
             which picks it with the keep ratios (:data:`wtacompile.solver.DEFAULT_BUDGET_MENU`).
+        row_scores: how rows are scored for sampling: ``"gradient"`` (default) — ``‖X_i‖`` times
+            a prediction of ``‖dY_i‖`` learned online per weight (by position, padding and ignored
+            labels; :mod:`wtacompile.grad_predictor`), still unbiased; ``"norm"`` — ``‖X_i‖`` alone.
 
     ``options={"plan": plan}`` (a :class:`wtacompile.Plan`, its JSON, or a path to that JSON) sets
     ``keep_ratios`` and ``activation_memory_budget`` from the plan and leaves every linear the plan
@@ -78,9 +83,11 @@ class WTAConfig:
     mem_gb: float | None = None
     optimizer: str = "adamw"
     activation_memory_budget: float | None = None
+    row_scores: str = "gradient"
 
     def __post_init__(self) -> None:
         validate_sampling_args(self.keep_ratio, self.method, self.min_rows)
+        check_row_scores(self.row_scores)
         if self.inner not in INNER_COMPILERS:
             raise ValueError(
                 f"unknown inner compiler {self.inner!r}; choose one of {', '.join(INNER_COMPILERS)}"
@@ -176,6 +183,13 @@ def check_mem_gb(mem_gb: Any) -> None:
         math.isfinite(mem_gb) and mem_gb > 0
     ):
         raise ValueError(f"mem_gb must be a positive, finite number of GB (e.g. 24), got {mem_gb!r}")
+
+
+def check_row_scores(row_scores: Any) -> None:
+    """``ValueError`` unless ``row_scores`` is one of :data:`ROW_SCORES`."""
+    if row_scores not in ROW_SCORES:
+        raise ValueError(f"unknown row_scores {row_scores!r}; choose one of {', '.join(ROW_SCORES)} "
+                         "('gradient': ‖X‖ times a learned ‖dY‖ prediction, 'norm': ‖X‖ alone)")
 
 
 def check_activation_memory_budget(budget: Any) -> None:

@@ -39,8 +39,10 @@ Methods (``p_i`` are selection probabilities proportional to the row scores):
     The ``k`` highest-scoring rows with ``s = 1``. Deterministic and **biased** (it drops the
     residual sum); for ablations only.
 
-Scores are the rows' L2 norms ``‖X_i‖``: the optimal CRS probabilities are
-``∝ ‖X_i‖·‖dY_i‖`` but ``dY`` is unknown when the rows must be chosen in forward.
+Scores are whatever the caller passes: the rows' L2 norms ``‖X_i‖``, or (by default under the
+backend and :func:`wtacompile.sample_linears`) ``‖X_i‖`` times a learned prediction of ``‖dY_i‖``
+(:mod:`wtacompile.grad_predictor`) — the optimal CRS probabilities are ``∝ ‖X_i‖·‖dY_i‖``, but
+``dY`` is unknown when the rows must be chosen in forward.
 
 Edge cases, all without host synchronisation (every shape is fixed by ``k``):
 

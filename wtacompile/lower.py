@@ -64,16 +64,28 @@ def expose_samples(gm: fx.GraphModule) -> int:
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: WTAConfig,
                   mode: str | None) -> Callable:
-    """Compile the rewritten graph with the inner compiler, samples exposed and dropped again."""
+    """Compile the rewritten graph with the inner compiler, samples exposed and dropped again,
+    and the sampler states (the placeholders the rewrite added after dynamo's) passed on each call."""
+    from wtacompile.grad_predictor import state_for
+    from wtacompile.passes.rewrite_sampled import SAMPLER_STATES
+
     compiler = inner_compiler(config, mode)
+    slots = tuple(gm.meta.get(SAMPLER_STATES, ()))
+    example_inputs = [*example_inputs, *(slot.tensor for slot in slots)]
+
+    def states(args) -> tuple:
+        return tuple(slot.tensor if slot.weight_input is None else state_for(args[slot.weight_input])
+                     for slot in slots)
+
     if config.inner == "eager":  # plain autograd: no partitioner to keep the draw in forward
-        return compiler(gm, example_inputs)
+        compiled = compiler(gm, example_inputs)
+        return (lambda *args: compiled(*args, *states(args))) if slots else compiled
     num_outputs = expose_samples(gm)
     with partitioner_budget(config):  # AOTAutograd partitions while compiling, not at first call
         compiled = compiler(gm, example_inputs)
-    if len(gm.graph.output_node().args[0]) == num_outputs:
+    if len(gm.graph.output_node().args[0]) == num_outputs and not slots:
         return compiled
-    return lambda *args: compiled(*args)[:num_outputs]  # dynamo calls backends' functions unboxed
+    return lambda *args: compiled(*args, *states(args))[:num_outputs]  # dynamo calls backends' functions unboxed
 
 
 def effective_partitioner_budget(config: WTAConfig) -> float:

@@ -51,12 +51,18 @@ class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
 
     @property
     def activation_bytes(self) -> int:
-        """Bytes of the distinct non-parameter storages saved for backward."""
-        return sum(self._storages.values())
+        """Bytes of the distinct non-parameter storages saved for backward (the sampler's
+        per-weight states, persistent like buffers, are left out too)."""
+        from wtacompile.grad_predictor import sampler_storages
+
+        persistent = sampler_storages()
+        return sum(n for key, n in self._storages.items() if key not in persistent)
 
     @property
     def num_storages(self) -> int:
-        return len(self._storages)
+        from wtacompile.grad_predictor import sampler_storages
+
+        return len(self._storages.keys() - sampler_storages())
 
 
 def measure_peak_bytes(fn: Callable[[], object]) -> int:

@@ -30,12 +30,13 @@ pay (frozen weight, no grad, ``keep_ratio == 1``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from wtacompile import kernels
+from wtacompile import grad_predictor, kernels
 from wtacompile.estimator import DEFAULT_MIN_ROWS, num_kept_rows, select_rows, validate_sampling_args
 
 __all__ = ["RowSample", "linear_with_sampled_grad", "sample_input", "sampled_linear"]
@@ -65,17 +66,28 @@ class RowSample(NamedTuple):
 
 
 def sample_input(x: torch.Tensor, keep_ratio: float, method: str = "wtacrs",
-                 min_rows: int = DEFAULT_MIN_ROWS) -> RowSample:
-    """Draw the rows of ``x`` (flattened over its leading dims) that weight gradients will use."""
+                 min_rows: int = DEFAULT_MIN_ROWS, cells: Optional[torch.Tensor] = None,
+                 states: Sequence[torch.Tensor] = ()) -> RowSample:
+    """Draw the rows of ``x`` (flattened over its leading dims) that weight gradients will use.
+
+    With ``cells`` (each row's cell, :func:`wtacompile.grad_predictor.row_cells`) and the
+    ``states`` of the weights that will read the sample, rows score ``‖X_i‖ · w_i``, the
+    gradient-aware scores of :mod:`wtacompile.grad_predictor`; otherwise ``‖X_i‖``.
+    """
     x2d = x.detach().reshape(-1, x.shape[-1])
     k = num_kept_rows(x2d.shape[0], keep_ratio, min_rows)
     # Compiled, the norms and the gather are plain ops: Inductor fuses the norms into the kernel
     # that produces x and the gather with its scaling, and the partitioner may recompute the
     # gather from x in backward where it keeps x anyway. Eager, the kernels do it in one pass.
-    if not torch.compiler.is_compiling():
-        index, scale = _sample_rows_op(kernels.row_norms(x2d), k, method)
+    compiling = torch.compiler.is_compiling()
+    norms = (torch.linalg.vector_norm(x2d, dim=1, dtype=torch.float32) if compiling
+             else kernels.row_norms(x2d))
+    if cells is not None and states:
+        predicted = grad_predictor.predict([state.detach() for state in states], cells)
+        norms = norms * grad_predictor.row_weights(*predicted)
+    index, scale = _sample_rows_op(norms, k, method)
+    if not compiling:
         return RowSample(index, kernels.gather_scale(x2d, index, scale))
-    index, scale = _sample_rows_op(torch.linalg.vector_norm(x2d, dim=1, dtype=torch.float32), k, method)
     # Indexing (aten.index), not index_select: the min-cut partitioner may recompute only
     # allow-listed ops, and indexing is one of them.
     return RowSample(index, (x2d[index].float() * scale[:, None]).to(x2d.dtype))
@@ -83,18 +95,21 @@ def sample_input(x: torch.Tensor, keep_ratio: float, method: str = "wtacrs",
 
 class _SampledGradLinear(torch.autograd.Function):
     @staticmethod
-    def forward(x, weight, bias, index, x_saved):
+    def forward(x, weight, bias, index, x_saved, cells, state):
         return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _x, weight, bias, index, x_saved = inputs
+        _x, weight, bias, index, x_saved, cells, state = inputs
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(weight, index, x_saved)
+        ctx.learns = cells is not None and state is not None
+        # The state itself is not needed: backward returns what it observed as the state's
+        # "gradient" (grad_predictor.learning_state folds it in).
+        ctx.save_for_backward(weight, index, x_saved, *((cells,) if ctx.learns else ()))
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, index, x_saved = ctx.saved_tensors
+        weight, index, x_saved, *cells = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         if needs_x:
@@ -110,7 +125,10 @@ class _SampledGradLinear(torch.autograd.Function):
             grad_w = weight_grad(grad_2d, index, x_saved).to(weight.dtype)
             # db's column sums already carry any non-finite dY entry: read out values, not N·out.
             grad_w = grad_w + _nonfinite_marker(grad_b if grad_b is not None else grad_2d).to(grad_w.dtype)
-        return grad_x, grad_w, grad_b, None, None
+        grad_state = None
+        if ctx.learns and ctx.needs_input_grad[6]:
+            grad_state = grad_predictor.observation(cells[0], grad_2d.detach())
+        return grad_x, grad_w, grad_b, None, None, None, grad_state
 
 
 def _nonfinite_marker(grad: torch.Tensor) -> torch.Tensor:
@@ -131,10 +149,17 @@ def _nonfinite_marker(grad: torch.Tensor) -> torch.Tensor:
 
 
 def linear_with_sampled_grad(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                             index: torch.Tensor, x_saved: torch.Tensor) -> torch.Tensor:
+                             index: torch.Tensor, x_saved: torch.Tensor,
+                             cells: Optional[torch.Tensor] = None,
+                             state: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` whose weight gradient is ``G[index]ᵀ x_saved`` (a
-    :class:`RowSample` of ``x``); ``dX`` and ``db`` are exact. ``weight`` is ``(out, in)``."""
-    return _SampledGradLinear.apply(x, weight, bias, index, x_saved)
+    :class:`RowSample` of ``x``); ``dX`` and ``db`` are exact. ``weight`` is ``(out, in)``.
+
+    With ``cells`` and ``state`` (this weight's, :func:`wtacompile.grad_predictor.state_for`),
+    backward also returns what ``dY``'s row norms teach as ``state``'s gradient
+    (:func:`~wtacompile.grad_predictor.observation`), which the state folds in.
+    """
+    return _SampledGradLinear.apply(x, weight, bias, index, x_saved, cells, state)
 
 
 def sampled_linear(
@@ -145,6 +170,8 @@ def sampled_linear(
     keep_ratio: float = 0.3,
     method: str = "wtacrs",
     min_rows: int = DEFAULT_MIN_ROWS,
+    grad_state: Optional[torch.Tensor] = None,
+    cells: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` whose weight gradient is estimated from sampled rows of ``x``.
 
@@ -160,6 +187,11 @@ def sampled_linear(
         keep_ratio: fraction of rows kept, in ``(0, 1]``; ``1.0`` is the dense op, no sampling work.
         method: ``"wtacrs"`` (default), ``"crs"``, ``"uniform"``, or ``"topk"`` (biased, ablation).
         min_rows: floor on ``k``.
+        grad_state: this weight's learned ``‖dY‖`` prediction
+            (:func:`wtacompile.grad_predictor.state_for`): rows score ``‖X_i‖·ĝ_i`` (floored) instead
+            of ``‖X_i‖``, and backward updates it. ``None``: norm-only scores.
+        cells: each row's cell (:func:`wtacompile.grad_predictor.row_cells`, e.g. with the batch's
+            ``attention_mask``); default: by position in the sequence (``x``'s dim ``-2``) alone.
 
     Raises:
         ValueError: ``keep_ratio`` outside ``(0, 1]``, unknown ``method``, or ``min_rows < 1``.
@@ -167,6 +199,16 @@ def sampled_linear(
     validate_sampling_args(keep_ratio, method, min_rows)
     if keep_ratio == 1.0 or not (torch.is_grad_enabled() and weight.requires_grad):
         return F.linear(x, weight, bias)
+    learning = ()
+    if grad_state is not None:
+        if cells is None:
+            num_rows = x.numel() // x.shape[-1]
+            cells = grad_predictor.row_cells(num_rows, x.shape[-2] if x.dim() >= 3 else 1, x.device)
+        elif cells.shape != (x.numel() // x.shape[-1],) or cells.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cells must be one int32/int64 cell per row of x, shape "
+                             f"({x.numel() // x.shape[-1]},); got {cells.dtype} {tuple(cells.shape)} "
+                             "(make them with wtacompile.grad_predictor.row_cells)")
+        learning = (cells, grad_state)
     device_type = x.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # Sample and save the rows in the dtype the matmul will read, as F.linear would cast them.
@@ -174,10 +216,11 @@ def sampled_linear(
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
-            return _sampled(x, weight, bias, keep_ratio, method, min_rows)
-    return _sampled(x, weight, bias, keep_ratio, method, min_rows)
+            return _sampled(x, weight, bias, keep_ratio, method, min_rows, learning)
+    return _sampled(x, weight, bias, keep_ratio, method, min_rows, learning)
 
 
-def _sampled(x, weight, bias, keep_ratio, method, min_rows):
-    sample = sample_input(x, float(keep_ratio), method, min_rows)
-    return linear_with_sampled_grad(x, weight, bias, sample.index, sample.x_saved)
+def _sampled(x, weight, bias, keep_ratio, method, min_rows, learning):
+    cells, state = learning or (None, None)
+    sample = sample_input(x, float(keep_ratio), method, min_rows, cells, (state,) if learning else ())
+    return linear_with_sampled_grad(x, weight, bias, sample.index, sample.x_saved, cells, state)

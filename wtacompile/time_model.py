@@ -23,6 +23,8 @@ ratio ``r`` (``k`` rows kept) changes it by::
     ΔF = −Σ_j 2·(N − k)·D·out_j                      (each dW GEMM runs on k rows, not N)
     ΔB = N·4 + k·(D·itemsize + 12) + Σ_j k·out_j·itemsize
          (fp32 row norms, the compact rows with their int64 index and fp32 scale, dY gathered)
+       + N·(12 + Σ_j 4)      with gradient-aware scores (:mod:`wtacompile.grad_predictor`):
+         each row's int32 cell, prediction and weight, and per reader the fp32 norms of dY's rows
 
 It is a model, not a measurement: Inductor fuses memory-bound chains (``B`` overcounts them) and
 small GEMMs run below peak. ``benchmarks/bench_frontier.py`` prints predicted beside measured.
@@ -67,6 +69,7 @@ class SampledLinear:
     in_features: int
     itemsize: int
     out_features: tuple[int, ...]
+    gradient_aware: bool = False  # rows scored by a learned ‖dY‖ prediction (row_scores="gradient")
 
 
 def sampling_change(linear: SampledLinear, kept_rows: int) -> tuple[float, float]:
@@ -75,6 +78,8 @@ def sampling_change(linear: SampledLinear, kept_rows: int) -> tuple[float, float
     flops = -sum(2.0 * (n - k) * d * out for out in linear.out_features)
     nbytes = 4.0 * n + k * (d * linear.itemsize + 12) + sum(k * out * linear.itemsize
                                                             for out in linear.out_features)
+    if linear.gradient_aware:
+        nbytes += n * (12.0 + 4.0 * len(linear.out_features))
     return flops, nbytes
 
 

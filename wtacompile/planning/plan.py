@@ -221,11 +221,13 @@ def _step_time(states, dense_states, mm: MemoryModel, solution: Solution, scale:
         return GraphCost(cost.flops * scale, cost.bytes * scale)
 
     sampled = []
+    gradient_aware = bool(states) and states[0].config.row_scores == "gradient"
     for i in mm.inputs:
         ratio = solution.ratios[i.key]
         if ratio < 1.0:
             linear = i.sampled_linear()
-            linear = dataclasses.replace(linear, rows=max(1, round(linear.rows * scale)))
+            linear = dataclasses.replace(linear, rows=max(1, round(linear.rows * scale)),
+                                         gradient_aware=gradient_aware)
             sampled.append((linear, num_kept_rows(linear.rows, ratio, mm.min_rows)))
     return step_time_ratio([scaled(s.analysis.cost) for s in states], sampled,
                            [scaled(s.analysis.cost) for s in dense_states], balance)
