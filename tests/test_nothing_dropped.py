@@ -256,10 +256,16 @@ def test_eager_include_string_is_one_pattern():
           wtacompile.SavedTensorMeter(model.parameters()) as sampled):
         model(x)
     # Only fc1's input is sampled (the string is one pattern, not "f", "c", "1", "*"): its
-    # 256 rows become 64 scaled rows and their int64 indices, plus each row's int32 cell for
-    # the gradient-aware scores (the learned state itself is persistent, not counted); fc2's
-    # input is kept whole.
-    assert dense.activation_bytes - sampled.activation_bytes == 256 * 8 * 4 - (64 * 8 * 4 + 64 * 8 + 256 * 4)
+    # 256 rows become 64 scaled rows and their int64 indices; fc2's input is kept whole. (Rows
+    # of a 2-D input are all one cell for the gradient-aware scores: no cells are saved.)
+    assert dense.activation_bytes - sampled.activation_bytes == 256 * 8 * 4 - (64 * 8 * 4 + 64 * 8)
+    x3 = x.reshape(16, 16, 8)  # (B, T, D): the scores save each row's int32 cell as well
+    with wtacompile.SavedTensorMeter(model.parameters()) as dense3:
+        model(x3)
+    with (wtacompile.sample_linears(0.25, model=model, include="fc1*"),
+          wtacompile.SavedTensorMeter(model.parameters()) as sampled3):
+        model(x3)
+    assert dense3.activation_bytes - sampled3.activation_bytes == 256 * 8 * 4 - (64 * 8 * 4 + 64 * 8 + 256 * 4)
     with (wtacompile.sample_linears(0.25, model=model, include="fc1*", row_scores="norm"),
           wtacompile.SavedTensorMeter(model.parameters()) as norm_only):
         model(x)
