@@ -91,10 +91,9 @@ def _registered_states(example_inputs) -> StateProvider:
     """States from :func:`wtacompile.grad_predictor.state_for`, keyed by the real weight tensor
     (the example input behind the weight's placeholder), so they outlive this compile."""
     def provide(gm: fx.GraphModule, site: LinearSite, weight: fx.Node) -> StateSlot:
-        placeholders = gm.graph.find_nodes(op="placeholder")
         root = _weight_root(weight)
-        if root.op == "placeholder" and placeholders.index(root) < len(example_inputs):
-            position = placeholders.index(root)
+        position = gm.graph.find_nodes(op="placeholder").index(root) if root.op == "placeholder" else None
+        if position is not None and position < len(example_inputs):
             return StateSlot(grad_predictor.state_for(example_inputs[position]), position)
         if root.op == "get_attr":  # a parameter dynamo kept as an attribute of the graph
             try:
@@ -157,9 +156,8 @@ def rewrite_sites(gm: fx.GraphModule, sites: Iterable[LinearSite], ratios: Mappi
                 weight = _weight_root(_linear_operands(node, site)[1])
                 if weight not in state_nodes:
                     state_nodes[weight] = _state_placeholder(gm, states(gm, site, weight))
-            member_states = {site.weight: state_nodes[_weight_root(_linear_operands(node, site)[1])]
-                             for site, node in members}
-            cells = _cells_node(graph, x, members[0][1], row_inputs, cells_by_layout)
+                member_states[site.weight] = state_nodes[weight]
+            cells = _cells_node(graph, x, layout, members[0][1], row_inputs, cells_by_layout)
         with graph.inserting_before(members[0][1]):  # x precedes every linear reading it
             sample = graph.call_function(sample_input, (x, ratio, config.method, config.min_rows, cells,
                                                         tuple(dict.fromkeys(member_states.values()))))
@@ -214,13 +212,13 @@ def _row_layout(x: fx.Node) -> fx.Node | None:
     return None
 
 
-def _cells_node(graph: fx.Graph, x: fx.Node, first_reader: fx.Node, row_inputs: Mapping[str, fx.Node],
-                cache: dict[tuple, fx.Node]) -> fx.Node:
-    """The node computing each row's cell for ``x``, shared by every ``x`` of the same layout."""
+def _cells_node(graph: fx.Graph, x: fx.Node, layout: fx.Node, first_reader: fx.Node,
+                row_inputs: Mapping[str, fx.Node], cache: dict[tuple, fx.Node]) -> fx.Node:
+    """The node computing each row's cell for ``x`` (rows laid out as ``layout``'s, see
+    :func:`_row_layout`), shared by every ``x`` of the same layout."""
     value = x.meta["example_value"]
-    layout = _row_layout(x)
-    batch_seq = tuple(layout.meta["example_value"].shape[:2]) if layout is not None else ()
-    matching = {role: node for role, node in row_inputs.items() if batch_seq and all(
+    batch_seq = tuple(layout.meta["example_value"].shape[:2])
+    matching = {role: node for role, node in row_inputs.items() if all(
         statically_known_true(a == b) for a, b in zip(batch_seq, node.meta["example_value"].shape))}
     mask, labels = matching.get("attention_mask"), matching.get("labels")
     key = (str(value.numel() // value.shape[-1]), tuple(map(str, batch_seq)), mask, labels)
@@ -232,13 +230,11 @@ def _cells_node(graph: fx.Graph, x: fx.Node, first_reader: fx.Node, row_inputs: 
     return cache[key]
 
 
-def graph_row_cells(x: torch.Tensor, layout: torch.Tensor | None, attention_mask: torch.Tensor | None,
+def graph_row_cells(x: torch.Tensor, layout: torch.Tensor, attention_mask: torch.Tensor | None,
                     labels: torch.Tensor | None) -> torch.Tensor:
     """:func:`wtacompile.grad_predictor.row_cells` for the rows of ``x``: positions along dim 1 of
-    ``layout`` (``(B, T, D)``, rows in ``x``'s order), all 0 without one."""
-    num_rows = x.numel() // x.shape[-1]
-    seq_len = layout.shape[1] if layout is not None else 1
-    return grad_predictor.row_cells(num_rows, seq_len, x.device, attention_mask, labels)
+    ``layout`` (``(B, T, D)``, rows in ``x``'s order)."""
+    return grad_predictor.row_cells(x.numel() // x.shape[-1], layout.shape[1], x.device, attention_mask, labels)
 
 
 def _state_placeholder(gm: fx.GraphModule, slot: StateSlot) -> fx.Node:
