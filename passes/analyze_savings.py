@@ -19,12 +19,22 @@ sampled input, resolved through views to its storage root ``R``:
   unchanged and the weight-gradient GEMMs run on ``k`` rows instead of ``N``.
 * otherwise → ``frees``: sampling releases ``bytes(R)`` minus the compact rows.
 
+Under a partitioner budget below 1 the dense trace is no reference: its knapsack recomputes
+inputs the sampled trace's knapsack, with the compact rows pinned, balances differently (measured:
+sampling all of Llama's linears at budget 0.5 saves 16% fewer bytes than the budget alone, where
+the dense-minus-freed reading found nothing to free). There the verdicts and the memory come from
+the sampled partition itself (:func:`_recompute_verdict`): an input sampling leaves neither
+saved nor recomputed, whose rows are saved, ``frees``; and the graph's memory is the sampled
+partition's with each such input's compact rows counted as the whole input — the exact
+alternative, an upper bound (the partitioner might recompute it) — so that the memory model's
+"input minus its compact rows" gives back the sampled partition at any ratio.
+
 The two traces name their nodes differently, so tensors are matched by provenance: the dynamo
 node they came from plus numel, dtype and ordinal
 (:func:`wtacompile.analysis.graph_numbers.provenance_keys`).
 
-Returns the state with ``analysis``: the groups with their verdicts and sizes, and the dense
-partition's numbers for the memory model. Neither ``gm`` nor the sites change; weighing the
+Returns the state with ``analysis``: the groups with their verdicts and sizes, and the numbers
+for the memory model (the dense partition's; below budget 1 the sampled one's, as above). Neither ``gm`` nor the sites change; weighing the
 compact copies against the input at the chosen ratio is the policy's job
 (:mod:`wtacompile.passes.choose_ratios`).
 """
@@ -32,6 +42,7 @@ compact copies against the input at the chosen ratio is the policy's job
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.fx as fx
@@ -39,6 +50,7 @@ import torch.fx as fx
 from wtacompile._compat import dynamo_origin, joint_parameter_inputs, storage_root
 from wtacompile.analysis.graph_cost import graph_cost
 from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys
+from wtacompile.memory_model import Size
 from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, trace_partition
 from wtacompile.lower import effective_partitioner_budget, expose_samples
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, InputGroup, SavingsAnalysis
@@ -47,6 +59,8 @@ from .rewrite_sampled import Rewritten, fresh_states, rewrite_sites
 
 __all__ = ["analyze_savings"]
 
+log = logging.getLogger("wtacompile")
+
 
 def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     """Trace dense and all-candidates-sampled; group the candidates by input, with verdicts."""
@@ -54,7 +68,8 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     dense = trace_partition(gm, config)
     parameters = joint_parameter_inputs(gm, dense.joint)
     dense_sizer = Sizer(dense.joint, parameters)
-    memory = graph_memory(dense, parameters, dense_sizer)
+    fuses = config.inner == "inductor"
+    memory = graph_memory(dense, parameters, dense_sizer, fuses)
     cost = graph_cost(dense)
     candidates = [site for site in state.sites if site.skip_reason is None]
     if not candidates:
@@ -67,36 +82,84 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     # Verdicts are structure, not sizes: trace at the traced sizes (half the cost of a symbolic
     # trace) and size each input from its twin in the dense trace. Not under a partitioner budget
     # below 1: its knapsack sizes every input, and a symbolic scalar traced as its hint has none.
-    sampled = trace_partition(trial, config, static=effective_partitioner_budget(config) >= 1.0)
-    groups = _group_by_input(dense, sampled, rewritten, dense_sizer)
+    under_recompute = effective_partitioner_budget(config) < 1.0
+    sampled = trace_partition(trial, config, static=not under_recompute)
+    groups, compact = _group_by_input(dense, sampled, rewritten, dense_sizer, under_recompute)
     grouped = {w for group in groups for w in group.weights}
     untraced = tuple(s.weight for s in candidates if s.weight not in grouped)
-    return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost))
+    if not under_recompute:
+        return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost))
+    parameters = joint_parameter_inputs(trial, sampled.joint)
+    sizer = Sizer(sampled.joint, parameters)
+    as_traced = graph_memory(sampled, parameters, sizer, fuses).activations.traced
+    if as_traced > memory.activations.traced:
+        # The knapsack balances the sampled graph differently (its ratio of saved bytes is
+        # relative to that graph's own extremes), and here to more bytes: sampling would cost
+        # memory the user set a budget to save. Compile this graph dense.
+        budget = effective_partitioner_budget(config)
+        (log.info if config.mem_gb is not None else log.warning)(
+            "wtacrs: under activation_memory_budget %g the sampled partition of this graph saves "
+            "%d bytes against the dense partition's %d; its linears stay exact", budget, as_traced,
+            memory.activations.traced)
+        reason = (f"under activation_memory_budget {budget:g} the sampled partition would save "
+                  f"more than the dense one ({as_traced} against {memory.activations.traced} bytes)")
+        groups = tuple(dataclasses.replace(g, verdict=ADDS_MEMORY, reason=reason) for g in groups)
+        return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost))
+    memory = graph_memory(sampled, parameters, _AsIfExact(
+        sizer, {name: size for group in groups if group.verdict == FREES for name, size in compact[group.root]}),
+        fuses)
+    return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost,
+                                                               under_recompute=True))
+
+
+class _AsIfExact:
+    """A :class:`Sizer` that sizes the named nodes (a sampled input's compact rows and indices)
+    as given instead: the rows as the whole input, the indices as nothing."""
+
+    def __init__(self, sizer: Sizer, sizes: dict[str, Size]) -> None:
+        self._sizer, self._sizes = sizer, sizes
+
+    @property
+    def symbolic(self) -> bool:
+        return self._sizer.symbolic
+
+    def __call__(self, node: fx.Node) -> Size:
+        size = self._sizes.get(node.name)
+        return self._sizer(node) if size is None else size
 
 
 def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: Rewritten,
-                    sizer: Sizer) -> tuple[InputGroup, ...]:
-    """``sizer`` sizes nodes of the dense trace."""
+                    sizer: Sizer, under_recompute: bool
+                    ) -> tuple[tuple[InputGroup, ...], dict[str, list[tuple[str, Size]]]]:
+    """The groups, and per group (by root) the saved compact-row nodes of the sampled trace with
+    the sizes :class:`_AsIfExact` gives them. ``sizer`` sizes nodes of the dense trace."""
     samples = rewritten.samples
     dense_keys = provenance_keys(dense.joint, {})
     dense_saved = {dense_keys[name] for name in dense.saved_roots if name in dense_keys}
     dense_by_key = {key: dense.joint_nodes[name] for name, key in dense_keys.items()}
     keys = provenance_keys(sampled.joint, rewritten.renamed)
     saved = [sampled.joint_nodes[name] for name in sampled.saved_roots if name in sampled.joint_nodes]
-    groups = []
+    groups, compact = [], {}
     for node in sampled.joint.graph.find_nodes(op="call_function", target=torch.ops.wtacompile.sample_rows.default):
         origin = dynamo_origin(node)
         if origin not in samples:
             continue
         root = _sampled_input(node, origin)
-        compact_saved = any(dynamo_origin(n) == origin and n.meta["val"].dim() == 2 for n in saved)
-        verdict, reason = _verdict(sampled, root.name, keys.get(root.name) in dense_saved, compact_saved)
         twin = dense_by_key.get(keys.get(root.name))
         if twin is None:
             raise RuntimeError(f"wtacrs analysis: sampled input {root.name} has no twin in the dense trace")
+        # The sample's saved tensors: its compact rows (k × D) and indices (k).
+        rows = [n for n in saved if dynamo_origin(n) == origin and n.meta["val"].dim() in (1, 2)]
+        compact_saved = any(n.meta["val"].dim() == 2 for n in rows)
+        if under_recompute:
+            verdict, reason = _recompute_verdict(sampled, root.name, compact_saved)
+        else:
+            verdict, reason = _verdict(sampled, root.name, keys.get(root.name) in dense_saved, compact_saved)
+        zero = sizer(twin) * 0
+        compact[root.name] = [(n.name, sizer(twin) if n.meta["val"].dim() == 2 else zero) for n in rows]
         groups.append(InputGroup(root.name, tuple(s.weight for s in samples[origin]), sizer(twin),
                                  verdict, reason))
-    return tuple(groups)
+    return tuple(groups), compact
 
 
 def _sampled_input(node: fx.Node, origin: str) -> fx.Node:
@@ -108,15 +171,33 @@ def _sampled_input(node: fx.Node, origin: str) -> fx.Node:
     return storage_root(x)
 
 
-def _verdict(trace: PartitionTrace, root: str, dense_saves_it: bool, compact_saved: bool
-             ) -> tuple[str, str]:
+def _needed_anyway(trace: PartitionTrace, root: str, compact_saved: bool) -> tuple[str, str] | None:
+    """The verdict where the sampled trace still saves or recomputes the whole input."""
     if root in trace.saved_roots or root in trace.recomputed:
         where = "stays saved" if root in trace.saved_roots else "is recomputed"
         if compact_saved:
             return ADDS_MEMORY, f"full input {where} for another op's backward; the rows would add"
         return FREES_NOTHING, f"full input {where} for another op's backward"
+    return None
+
+
+def _verdict(trace: PartitionTrace, root: str, dense_saves_it: bool, compact_saved: bool
+             ) -> tuple[str, str]:
+    needed = _needed_anyway(trace, root, compact_saved)
+    if needed is not None:
+        return needed
     if not dense_saves_it:
         if compact_saved:
             return ADDS_MEMORY, "dense training recomputes this input; the rows would add"
         return FREES_NOTHING, "dense training does not save this input either (recomputes it)"
     return FREES, "input saved only for the weight gradients"
+
+
+def _recompute_verdict(trace: PartitionTrace, root: str, compact_saved: bool) -> tuple[str, str]:
+    """Below partitioner budget 1: read from the sampled partition alone (see the module docstring)."""
+    needed = _needed_anyway(trace, root, compact_saved)
+    if needed is not None:
+        return needed
+    if compact_saved:
+        return FREES, "under recompute, the sampled partition keeps only the rows of this input"
+    return FREES_NOTHING, "the sampled partition keeps neither this input nor its rows"

@@ -15,6 +15,11 @@ is sampled where its verdict is ``frees`` and its compact copy weighs less than 
 weight-gradient GEMMs on ``k`` of ``N`` rows save more time than the sampling costs. Under
 ``mem_gb`` only memory counts: a budget dense training fits stays exact.
 
+Below partitioner budget 1 the analysis reads the sampled partition itself
+(``analysis.under_recompute``): the ``frees`` groups are chosen as above, and every other group
+is sampled at the ratio it was traced at, since that partition is the one the memory was read
+from (and it saves less than the dense one, or the analysis would have said ``adds-memory``).
+
 Returns the state with ``decisions``: one :class:`~wtacompile.sites.SiteDecision` per site.
 """
 
@@ -67,9 +72,13 @@ def choose_ratios(gm: fx.GraphModule, state: CompileState) -> CompileState:
         ratios = {w: sites[w].requested_ratio for g in analysis.groups for w in g.weights}
     else:  # the solver decides the inputs sampling frees; the others stay exact
         ratios = _budget_ratios(state)
+    as_traced = analysis.traced_ratios(state.sites)
     for group in analysis.groups:
-        decisions.update(_decide_group(group, [sites[w] for w in group.weights], ratios,
-                                       state.config.min_rows))
+        readers = [sites[w] for w in group.weights]
+        if group.weights[0] in as_traced:
+            decisions.update(_sampled_as_traced(group, readers, as_traced[group.weights[0]]))
+        else:
+            decisions.update(_decide_group(group, readers, ratios, state.config.min_rows))
     ordered = {site.weight: decisions[site.weight] for site in state.sites}
     return dataclasses.replace(state, decisions=MappingProxyType(ordered))
 
@@ -106,6 +115,15 @@ def _decide_group(group: InputGroup, sites: list[LinearSite], ratios: dict[str, 
                                freed // len(sites) if sampled and verdict == FREES else 0, group.root)
         for s in sites
     }
+
+
+def _sampled_as_traced(group: InputGroup, sites: list[LinearSite], ratio: float) -> dict[str, SiteDecision]:
+    """Below partitioner budget 1 (``analysis.under_recompute``): the sampled partition, which
+    saves less than the dense one, is what the memory model holds, so it is what is compiled."""
+    shared = f" (input shared by {len(sites)} linears)" if len(sites) > 1 else ""
+    reason = (f"{group.reason}; sampled as analysed: under recompute the sampled partition saves "
+              f"less than the dense one{shared}")
+    return {s.weight: SiteDecision(True, ratio, group.verdict, reason, 0, group.root) for s in sites}
 
 
 def _budget_ratios(state: CompileState) -> dict[str, float]:

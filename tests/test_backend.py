@@ -1,5 +1,6 @@
 """The wtacrs backend: registration, options, decisions, caching, recompute safety, statistics."""
 
+import copy
 import dataclasses
 import subprocess
 import sys
@@ -195,14 +196,14 @@ def test_graph_break_keys_decisions_by_parameter_name():
 
 
 def test_random_choice_is_saved_not_redrawn_under_activation_memory_budget():
-    """With a tight activation budget the partitioner recomputes what it can; the sampling op is
+    """Under an activation budget the partitioner recomputes what it can; the sampling op is
     banned from that, so compiled grads equal the eager op's under the same seed."""
     torch.manual_seed(0)
     # Matmul outputs cannot be recomputed cheaply: the partitioner must save them densely.
     model = nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 16))
     x = torch.randn(512, 16)
     wtacompile.clear_reports()
-    with torch._functorch.config.patch(activation_memory_budget=0.05):
+    with torch._functorch.config.patch(activation_memory_budget=0.7):
         compiled = torch.compile(model, backend="wtacrs", options=AOT)
         torch.manual_seed(123)
         compiled(x).sum().backward()
@@ -215,6 +216,28 @@ def test_random_choice_is_saved_not_redrawn_under_activation_memory_budget():
         model(x).sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(compiled_grads[name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_never_saves_more_than_the_activation_budget_alone(caplog):
+    """At a budget so tight the dense partition keeps only the graph's input, every compact copy
+    would be memory on top: the linears stay exact, and the user is told."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 16))
+    x = torch.randn(512, 16)
+    saved = {}
+    for name, options in (("dense", None), ("wtacrs", AOT)):
+        torch._dynamo.reset()
+        backend = "aot_eager" if options is None else "wtacrs"
+        with torch._functorch.config.patch(activation_memory_budget=0.05), caplog.at_level("WARNING", "wtacompile"):
+            trained = copy.deepcopy(model)
+            compiled = torch.compile(trained, backend=backend, options=options)
+            with SavedTensorMeter(trained.parameters()) as meter:
+                out = compiled(x).sum()
+            out.backward()
+        saved[name] = meter.activation_bytes
+    assert not wtacompile.last_compile_report().sampled_sites
+    assert "the sampled partition of this graph saves" in caplog.text
+    assert saved["wtacrs"] == saved["dense"] == x.numel() * x.element_size()
 
 
 def test_compiled_weight_grad_is_unbiased():

@@ -91,8 +91,25 @@ class SavingsAnalysis:
 
     groups: tuple[InputGroup, ...]
     untraced: tuple[str, ...]  # candidate weights absent from the traced graph (dead code)
-    memory: GraphMemory  # the dense partition's numbers, for the memory model
+    memory: GraphMemory  # the dense partition's numbers, for the memory model (see under_recompute)
     cost: GraphCost = GraphCost(0.0, 0.0)  # the dense partition's work, for the time model
+    # Below partitioner budget 1, where sampling saves less than the dense partition: ``memory``
+    # is the sampled partition's (with the ``frees`` inputs' rows counted as whole inputs, so the
+    # memory model can still choose their ratios), and the other groups are sampled as traced.
+    under_recompute: bool = False
+
+    def traced_ratios(self, sites: Iterable[LinearSite]) -> dict[str, float]:
+        """Weight → keep ratio of the groups sampled at the ratio the analysis traced them at
+        (under recompute, every group the memory model does not choose for)."""
+        if not self.under_recompute:
+            return {}
+        by_weight = {site.weight: site for site in sites}
+        ratios = {}
+        for group in self.groups:
+            if group.verdict != FREES:
+                ratio = max(by_weight[w].requested_ratio for w in group.weights)
+                ratios.update((w, ratio) for w in group.weights)
+        return ratios
 
     def sampleable_inputs(self, sites: Iterable[LinearSite], prefix: str = "") -> tuple[SampleableInput, ...]:
         """The memory model's view of the groups sampling frees, keyed ``prefix + root``."""

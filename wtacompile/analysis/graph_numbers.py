@@ -70,8 +70,10 @@ def _batch_symbol(joint: fx.GraphModule, parameter_inputs: set[str]):
     return None
 
 
-def graph_memory(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer) -> GraphMemory:
-    """The dense partition's saved activations and backward live-bytes curve, parameters excluded."""
+def graph_memory(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer,
+                 fuses_pointwise: bool = False) -> GraphMemory:
+    """The partition's saved activations and backward live-bytes curve, parameters excluded;
+    ``fuses_pointwise``: the backward is compiled by Inductor (see :func:`_materialized`)."""
     nodes = trace.joint_nodes
     zero = Size(0, 0 if sizer.symbolic else None)
     saved, saved_owners = zero, []
@@ -79,7 +81,7 @@ def graph_memory(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer
         if name in nodes:
             saved = saved + sizer(nodes[name])
             saved_owners.append((module_path(nodes[name]), sizer(nodes[name])))
-    live, allocations = _backward_live(trace, parameter_inputs, sizer, zero)
+    live, allocations = _backward_live(trace, parameter_inputs, sizer, zero, fuses_pointwise)
     return GraphMemory(saved, live, tuple(saved_owners), allocations)
 
 
@@ -100,11 +102,12 @@ def module_path(node: fx.Node) -> str:
     return _MODULE_DICT.sub("", path).lstrip(".")
 
 
-def _backward_live(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer, zero: Size
-                   ) -> tuple[tuple[Size, ...], tuple[Allocation, ...]]:
+def _backward_live(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer, zero: Size,
+                   fuses_pointwise: bool = False) -> tuple[tuple[Size, ...], tuple[Allocation, ...]]:
     """Live bytes after each allocation while the backward graph runs, and the allocations.
 
     An allocation without a module of its own belongs to its nearest user's (:func:`_owner`).
+    With ``fuses_pointwise`` only the tensors Inductor materialises allocate (:func:`_materialized`).
 
     Saved inputs and intermediates are freed after their last use (AOTAutograd's boxed calling
     convention clears its argument list); the gradients it returns stay. Views own no storage.
@@ -119,18 +122,26 @@ def _backward_live(trace: PartitionTrace, parameter_inputs: set[str], sizer: Siz
     }
     output = trace.backward.graph.find_nodes(op="output")[0]
     returned = {storage_root(n) for n in output.all_input_nodes}
+    # When a node's reads happen: at its own position, or for a value Inductor inlines, in the
+    # kernel that materialises its last reader (its inputs stay alive until that kernel runs).
+    runs_at = dict(position)
+    if fuses_pointwise:
+        for node in reversed(nodes):
+            if node not in returned and (storage_root(node) is not node or not _materialized(node)):
+                runs_at[node] = max((runs_at[u] for u in node.users if u in runs_at), default=position[node])
     dies_after: dict[fx.Node, int] = {n: position[n] for n in nodes if storage_root(n) is n}
     for node in nodes:
         for arg in node.all_input_nodes:
             base = storage_root(arg)
-            dies_after[base] = max(dies_after[base], position[node])
+            dies_after[base] = max(dies_after[base], runs_at[node])
     releases: dict[int, list[fx.Node]] = defaultdict(list)
     for base, when in dies_after.items():
         if base not in returned:
             releases[when].append(base)
 
     def counted(node: fx.Node) -> bool:
-        return isinstance(node.meta.get("val"), torch.Tensor) and node.name not in excluded
+        return (isinstance(node.meta.get("val"), torch.Tensor) and node.name not in excluded
+                and (not fuses_pointwise or node in returned or _materialized(node)))
 
     live, curve, made = zero, [], []
     last_live: dict[fx.Node, int] = {}  # a released storage: the last point it was alive at
@@ -148,6 +159,51 @@ def _backward_live(trace: PartitionTrace, parameter_inputs: set[str], sizer: Siz
                    gradient_step=node.op != "placeholder" and "nn_module_stack" not in node.meta)
         for node in made)
     return tuple(curve), allocations
+
+
+def _materialized(node: fx.Node) -> bool:
+    """Whether Inductor gives ``node`` a buffer of its own.
+
+    Inductor inlines a pointwise op into the kernels that read it, as long as they are pointwise
+    ops or reductions too (through views): such a value is never allocated. Anything else — a GEMM,
+    attention, an index or scatter, a reduction's result, a pointwise value an extern kernel reads —
+    is. (Inductor may still realise a pointwise value read by many kernels; this counts it as
+    inlined, which the measured peaks in ``benchmarks/bench_joint.py`` check.)
+    """
+    if node.op != "call_function" or not _is_pointwise(node):
+        return True
+    return any(not _fuses_into(user) for user in node.users)
+
+
+def _is_pointwise(node: fx.Node) -> bool:
+    """Pointwise for Inductor: tagged so, a constant fill (computed inside the reading kernel), or
+    a scatter into one (Inductor rewrites it as a ``where`` on an index comparison: the one-hot
+    of a cross-entropy's backward)."""
+    if node.op != "call_function":
+        return False
+    if node.target in _FILLS or torch.Tag.pointwise in getattr(node.target, "tags", ()):
+        return True
+    return (node.target in _SCATTERS and isinstance(node.args[0], fx.Node)
+            and node.args[0].target in _FILLS and torch._inductor.config.optimize_scatter_upon_const_tensor)
+
+
+_FILLS = frozenset({torch.ops.aten.full.default, torch.ops.aten.zeros.default, torch.ops.aten.ones.default,
+                    torch.ops.aten.scalar_tensor.default})
+_SCATTERS = frozenset({torch.ops.aten.scatter.value, torch.ops.aten.scatter.src})
+
+
+_REDUCTIONS = frozenset(
+    getattr(torch.ops.aten, name).default for name in ("sum", "mean", "amax", "amin", "prod")
+) | {torch.ops.aten.sum.dim_IntList, torch.ops.aten.mean.dim, torch.ops.aten.var_mean.correction}
+
+
+def _fuses_into(user: fx.Node) -> bool:
+    """Whether a pointwise value read by ``user`` is computed inside ``user``'s kernel."""
+    if _is_pointwise(user) or user.target in _REDUCTIONS:
+        return True
+    if is_storage_view(user):  # a view of it: look at who reads the view
+        return all(_fuses_into(u) for u in user.users)
+    return False
 
 
 def owning_module(node: fx.Node, depth: int = 4) -> str:

@@ -50,7 +50,7 @@ import torch
 
 from wtacompile.memory_model import GraphMemory, Size
 from wtacompile.passes import CompileState
-from wtacompile.sites import InputGroup, SavingsAnalysis
+from wtacompile.sites import InputGroup
 from wtacompile.time_model import GraphCost
 
 __all__ = ["BlockRun", "NotComposable", "compose_states", "find_repeated_blocks", "one_block_per_run"]
@@ -177,8 +177,9 @@ def _compose_state(state: CompileState, runs: list[BlockRun]) -> CompileState:
     groups = _repeat(groups, group_run, _renamed_group)
     untraced = _repeat(analysis.untraced, run_of, lambda w, r, i: r.renamed(w, i))
     memory = _compose_memory(analysis.memory, runs)
-    return dataclasses.replace(state, sites=tuple(sites), analysis=SavingsAnalysis(
-        tuple(groups), tuple(untraced), memory, _compose_cost(analysis.cost, runs)))
+    return dataclasses.replace(state, sites=tuple(sites), analysis=dataclasses.replace(
+        analysis, groups=tuple(groups), untraced=tuple(untraced), memory=memory,
+        cost=_compose_cost(analysis.cost, runs)))
 
 
 def _compose_cost(cost: GraphCost, runs: list[BlockRun]) -> GraphCost:

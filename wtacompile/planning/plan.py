@@ -23,7 +23,7 @@ from wtacompile.memory_model import MemoryModel, format_bytes, parameter_bytes
 from wtacompile.passes import CompileState
 from wtacompile.sites import FREES
 from wtacompile.solver import DEFAULT_BUDGET_MENU, DEFAULT_MENU, Solution, solve
-from wtacompile.time_model import GraphCost, balance_for, step_time_ratio
+from wtacompile.time_model import GraphCost, SampledLinear, balance_for, step_time_ratio
 from .blocks import compose_states, find_repeated_blocks, one_block_per_run
 from .capture import capture_analyses
 from .inputs import default_example_inputs
@@ -196,7 +196,7 @@ def _solve_plan(model, states, dense_states, partitioner, balance, budget, mem_g
         mem_gb=mem_gb, fits=fits, batch_size=batch, seq_len=seq_len, peak_bytes=peak,
         baseline_peak_bytes=dense_mm.peak(batch), activation_bytes=activations,
         baseline_activation_bytes=dense_mm.activations(batch), max_batch_size=sampled_max,
-        baseline_max_batch_size=baseline_max, keep_ratios=_keep_ratios(mm, solution),
+        baseline_max_batch_size=baseline_max, keep_ratios=_keep_ratios(mm, solution, states),
         breakdown={
             "parameters": mm.parameters, "gradients": mm.gradients, "optimizer": mm.optimizer,
             "activations": activations, "transient": mm.transient(batch),
@@ -229,6 +229,16 @@ def _step_time(states, dense_states, mm: MemoryModel, solution: Solution, scale:
             linear = dataclasses.replace(linear, rows=max(1, round(linear.rows * scale)),
                                          gradient_aware=gradient_aware)
             sampled.append((linear, num_kept_rows(linear.rows, ratio, mm.min_rows)))
+    for state in states:  # the groups sampled as traced (under recompute)
+        as_traced = state.analysis.traced_ratios(state.sites)
+        sites = {s.weight: s for s in state.sites}
+        for group in state.analysis.groups:
+            if group.weights[0] in as_traced:
+                readers = [sites[w] for w in group.weights]
+                rows = max(1, round(readers[0].rows * scale))
+                linear = SampledLinear(rows, readers[0].in_features, readers[0].itemsize,
+                                       tuple(r.out_features for r in readers), gradient_aware)
+                sampled.append((linear, num_kept_rows(rows, as_traced[group.weights[0]], mm.min_rows)))
     return step_time_ratio([scaled(s.analysis.cost) for s in states], sampled,
                            [scaled(s.analysis.cost) for s in dense_states], balance)
 
@@ -262,9 +272,13 @@ def _batch_of(example_inputs) -> int:
     raise ValueError("example_inputs has no batched tensor (every tensor is 0-d)")
 
 
-def _keep_ratios(mm: MemoryModel, solution: Solution) -> dict[str, float]:
-    return {r.weight: solution.ratios[i.key] for i in mm.inputs for r in i.readers
-            if solution.ratios[i.key] < 1.0}
+def _keep_ratios(mm: MemoryModel, solution: Solution, states: list[CompileState]) -> dict[str, float]:
+    """The solver's ratios, and those of the groups sampled as traced (under recompute)."""
+    ratios = {r.weight: solution.ratios[i.key] for i in mm.inputs for r in i.readers
+              if solution.ratios[i.key] < 1.0}
+    for state in states:
+        ratios.update(state.analysis.traced_ratios(state.sites))
+    return ratios
 
 
 def _layers(mm: MemoryModel, states: list[CompileState], solution: Solution, batch: int
@@ -282,12 +296,14 @@ def _layers(mm: MemoryModel, states: list[CompileState], solution: Solution, bat
                                     dense // len(i.readers), kept // len(i.readers), ratio, reason))
     for state in states:
         sites = {s.weight: s for s in state.sites}
+        as_traced = state.analysis.traced_ratios(state.sites)
         for group in state.analysis.groups:
             if group.verdict != FREES:
                 for w in group.weights:
                     s = sites[w]
+                    reason = group.reason + ("; sampled as analysed (under recompute)" if w in as_traced else "")
                     layers.append(LayerPlan(w, s.in_features, s.out_features, round(s.rows * scale),
-                                            0, 0, 1.0, group.reason))
+                                            0, 0, as_traced.get(w, 1.0), reason))
     return tuple(layers)
 
 
