@@ -103,7 +103,7 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
             memory.activations.traced)
         reason = (f"under activation_memory_budget {budget:g} the sampled partition would save "
                   f"more than the dense one ({as_traced} against {memory.activations.traced} bytes)")
-        groups = tuple(dataclasses.replace(g, verdict=ADDS_MEMORY, reason=reason) for g in groups)
+        groups = tuple(dataclasses.replace(g, verdict=ADDS_MEMORY, reason=reason, input_saved=False) for g in groups)
         return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost))
     memory = graph_memory(sampled, parameters, _AsIfExact(
         sizer, {name: size for group in groups if group.verdict == FREES for name, size in compact[group.root]}),
@@ -158,7 +158,7 @@ def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: R
         zero = sizer(twin) * 0
         compact[root.name] = [(n.name, sizer(twin) if n.meta["val"].dim() == 2 else zero) for n in rows]
         groups.append(InputGroup(root.name, tuple(s.weight for s in samples[origin]), sizer(twin),
-                                 verdict, reason))
+                                 verdict, reason, root.name in sampled.saved_roots))
     return tuple(groups), compact
 
 

@@ -93,7 +93,7 @@ def _decide_group(group: InputGroup, sites: list[LinearSite], ratios: dict[str, 
     first = sites[0]
     freed = group.input_bytes.traced - compact_bytes(first.rows, first.in_features, first.itemsize,
                                                      ratio, min_rows)
-    verdict, reason, sampled = group.verdict, group.reason, False
+    verdict, reason, sampled, gathered = group.verdict, group.reason, False, False
     if verdict == FREES:
         # Under dynamic shapes one graph serves every length: judge it where N is large (k ≈ rN),
         # by bytes per row — r·(D·itemsize + 8 index bytes) against D·itemsize.
@@ -105,14 +105,22 @@ def _decide_group(group: InputGroup, sites: list[LinearSite], ratios: dict[str, 
         elif freed <= 0:
             reason += (f"; at the traced {first.rows} rows all are kept (min_rows); longer inputs, "
                        "which this dynamic graph also serves, free")
-    elif verdict == FREES_NOTHING:
+    elif verdict == FREES_NOTHING or (verdict == ADDS_MEMORY and group.input_saved):
         # Memory-neutral: worth it only where the weight-gradient GEMMs dwarf the sampling work.
+        # Where the rows would add (the input stays saved for another op's backward), forward
+        # keeps only the indices and backward gathers the rows from the saved input.
         sampled = sum(s.out_features for s in sites) >= MIN_OUTPUTS_FOR_SPEED
-        reason += ("; sampled for cheaper weight gradients" if sampled
-                   else f"; too narrow to pay for sampling (< {MIN_OUTPUTS_FOR_SPEED} outputs)")
+        if sampled and verdict == ADDS_MEMORY:
+            gathered = True
+            reason = (group.reason.split(";")[0] + "; sampled for cheaper weight gradients, its rows "
+                      "gathered in backward from the saved input (forward keeps the indices only)")
+        else:
+            reason += ("; sampled for cheaper weight gradients" if sampled
+                       else f"; too narrow to pay for sampling (< {MIN_OUTPUTS_FOR_SPEED} outputs)")
     return {
         s.weight: SiteDecision(sampled, ratio if sampled else None, verdict, reason + shared,
-                               freed // len(sites) if sampled and verdict == FREES else 0, group.root)
+                               freed // len(sites) if sampled and verdict == FREES else 0, group.root,
+                               rows_in_backward=gathered)
         for s in sites
     }
 

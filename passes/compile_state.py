@@ -38,6 +38,11 @@ class CompileState:
         """``{weight: keep ratio}`` of the sites to sample."""
         return {w: d.keep_ratio for w, d in self.decisions.items() if d.sampled}
 
+    @property
+    def rows_in_backward(self) -> frozenset[str]:
+        """The sampled weights whose rows backward gathers from their saved input."""
+        return frozenset(w for w, d in self.decisions.items() if d.sampled and d.rows_in_backward)
+
 
 class GraphPass(Protocol):
     def __call__(self, gm: fx.GraphModule, state: CompileState) -> CompileState: ...

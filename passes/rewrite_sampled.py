@@ -45,12 +45,16 @@ from wtacompile.sites import LinearSite
 from .compile_state import CompileState
 from .find_linears import is_transpose
 
-__all__ = ["SAMPLER_STATE", "SAMPLER_STATES", "Rewritten", "StateProvider", "StateSlot", "fresh_states",
+__all__ = ["ROWS_IN_BACKWARD", "SAMPLER_STATE", "SAMPLER_STATES", "Rewritten", "StateProvider", "StateSlot", "fresh_states",
            "graph_row_cells", "rewrite_sampled", "rewrite_sites"]
 
 _SOURCE_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
 SAMPLER_STATE = "sampler state"  # node.meta["wtacompile"] of a state placeholder
 SAMPLER_STATES = "wtacompile_sampler_states"  # gm.meta key: the state tensors, in placeholder order
+#: node.meta key on a sample's compact rows that forward need not produce: their input stays saved
+#: for another op's backward anyway, so :func:`wtacompile.lower.expose_samples` exposes only the
+#: indices and the partitioner gathers the rows in backward (no compact copy is saved).
+ROWS_IN_BACKWARD = "wtacompile_rows_in_backward"
 # The model's own inputs (``model(attention_mask=...)``, as dynamo names them), not a decoder's or
 # an encoder's mask under another name.
 _ROW_INPUTS = {"attention_mask": re.compile(r"^l_(?:kwargs_)?attention_mask_$", re.IGNORECASE),
@@ -83,7 +87,8 @@ class Rewritten:
 
 def rewrite_sampled(gm: fx.GraphModule, state: CompileState) -> CompileState:
     """The pass: rewrite the sites ``state.decisions`` sample, at their ratios."""
-    rewrite_sites(gm, state.sites, state.ratios, state.config, _registered_states(state.example_inputs))
+    rewrite_sites(gm, state.sites, state.ratios, state.config, _registered_states(state.example_inputs),
+                  state.rows_in_backward)
     return state
 
 
@@ -121,11 +126,14 @@ def _device_of(node: fx.Node) -> torch.device:
 
 
 def rewrite_sites(gm: fx.GraphModule, sites: Iterable[LinearSite], ratios: Mapping[str, float],
-                  config: WTAConfig, states: StateProvider | None = None) -> Rewritten:
+                  config: WTAConfig, states: StateProvider | None = None,
+                  rows_in_backward: frozenset[str] = frozenset()) -> Rewritten:
     """Rewrite each site whose weight has a ratio in ``ratios``, one sample per input node.
 
     ``states`` gives each sampled weight's :mod:`~wtacompile.grad_predictor` state under
     ``config.row_scores == "gradient"`` (``None``: norm-only scores whatever the config).
+    The samples of the weights in ``rows_in_backward`` leave their compact rows to backward
+    (:data:`ROWS_IN_BACKWARD`).
     """
     learning = states is not None and config.row_scores == "gradient" and bool(ratios)
     if learning:
@@ -168,6 +176,8 @@ def rewrite_sites(gm: fx.GraphModule, sites: Iterable[LinearSite], ratios: Mappi
         for new in (sample, index, x_saved):
             new.meta.update({key: members[0][1].meta[key] for key in _SOURCE_META if key in members[0][1].meta})
             new.meta["wtacompile"] = "row sample"
+        if all(site.weight in rows_in_backward for site, _ in members):
+            x_saved.meta[ROWS_IN_BACKWARD] = True
         for site, node in members:
             _, weight, bias = _linear_operands(node, site)
             with graph.inserting_before(node):

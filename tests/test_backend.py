@@ -218,6 +218,47 @@ def test_random_choice_is_saved_not_redrawn_under_activation_memory_budget():
         torch.testing.assert_close(compiled_grads[name], p.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_input_saved_anyway_is_sampled_for_speed_with_rows_gathered_in_backward():
+    """tanh's backward keeps its output, which the next linear reads: a compact copy would add
+    to it, so forward keeps only the draw (indices and scales) and backward gathers the rows from
+    the saved output. Same rows as the eager op under the same seed, and nothing saved but the draw."""
+    from wtacompile.estimator import num_kept_rows
+
+    class TanhThenLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.proj = nn.Linear(32, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.proj(torch.tanh(self.up(x)))
+
+    torch.manual_seed(0)
+    model, x = TanhThenLinear(), torch.randn(256, 32)
+    saved, grads = {}, {}
+    for name, backend, options in (("dense", "aot_eager", None),
+                                   ("wtacrs", "wtacrs", dict(AOT, exclude=["up.*"]))):
+        torch._dynamo.reset()
+        wtacompile.clear_reports()
+        trained = copy.deepcopy(model)
+        compiled = torch.compile(trained, backend=backend, options=options)
+        torch.manual_seed(123)
+        with SavedTensorMeter(trained.parameters()) as meter:
+            out = compiled(x).sum()
+        out.backward()
+        saved[name], grads[name] = meter.activation_bytes, {n: p.grad for n, p in trained.named_parameters()}
+    proj = next(s for s in wtacompile.last_compile_report().sites if s.weight == "proj.weight")
+    assert proj.sampled and proj.verdict == "adds-memory" and "gathered in backward" in proj.reason
+    k = num_kept_rows(256, 0.3, WTAConfig().min_rows)
+    assert saved["wtacrs"] == saved["dense"] + k * (8 + 4)  # int64 indices and float32 scales
+    eager = copy.deepcopy(model)
+    torch.manual_seed(123)
+    with wtacompile.sample_linears(model=eager, include=["proj.weight"]):
+        eager(x).sum().backward()
+    for name, p in eager.named_parameters():
+        torch.testing.assert_close(grads["wtacrs"][name], p.grad, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(grads["wtacrs"]["proj.weight"], grads["dense"]["proj.weight"])
+
+
 def test_sampling_never_saves_more_than_the_activation_budget_alone(caplog):
     """At a budget so tight the dense partition keeps only the graph's input, every compact copy
     would be memory on top: the linears stay exact, and the user is told."""

@@ -33,21 +33,28 @@ def test_choose_ratios_from_values():
     alone = _site("alone", requested=0.1)
     narrow, wide = _site("narrow"), _site("wide")
     wide = dataclasses.replace(wide, out_features=MIN_OUTPUTS_FOR_SPEED)
-    kept = _site("kept")
+    kept, gathered = _site("kept"), dataclasses.replace(_site("gathered"), out_features=MIN_OUTPUTS_FOR_SPEED)
     frozen, excluded = _site("frozen", trainable=False), _site("excluded", requested=None)
     gone = _site("gone")
     input_bytes = 100 * 32 * 4
     state = _state(
-        [q, k, v, alone, narrow, wide, kept, frozen, excluded, gone],
+        [q, k, v, alone, narrow, wide, kept, gathered, frozen, excluded, gone],
         [InputGroup("h", ("q", "k", "v"), Size(input_bytes), FREES, "saved only for them"),
          InputGroup("a", ("alone",), Size(input_bytes), FREES, "saved only for it"),
          InputGroup("n", ("narrow",), Size(input_bytes), FREES_NOTHING, "recomputed"),
          InputGroup("w", ("wide",), Size(input_bytes), FREES_NOTHING, "recomputed"),
-         InputGroup("s", ("kept",), Size(input_bytes), ADDS_MEMORY, "kept for another backward")],
+         InputGroup("s", ("kept",), Size(input_bytes), ADDS_MEMORY, "kept for another backward"),
+         InputGroup("g", ("gathered",), Size(input_bytes), ADDS_MEMORY, "kept for another backward",
+                    input_saved=True)],
         untraced=("gone",),
     )
     decisions = choose_ratios(None, state).decisions
-    assert list(decisions) == ["q", "k", "v", "alone", "narrow", "wide", "kept", "frozen", "excluded", "gone"]
+    assert list(decisions) == ["q", "k", "v", "alone", "narrow", "wide", "kept", "gathered", "frozen",
+                               "excluded", "gone"]
+    # An input saved anyway, read by wide enough linears: sampled for speed, rows gathered in backward.
+    assert (decisions["gathered"].sampled, decisions["gathered"].rows_in_backward) == (True, True)
+    assert state.decisions == {} and choose_ratios(None, state).rows_in_backward == {"gathered"}
+    assert not any(decisions[w].rows_in_backward for w in decisions if w != "gathered")
     # q/k/v share one compact copy of 30 of the 100 rows.
     freed = input_bytes - compact_bytes(100, 32, 4, 0.3, 10)
     assert [(decisions[w].sampled, decisions[w].keep_ratio, decisions[w].freed_bytes) for w in "qkv"] == [

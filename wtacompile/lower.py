@@ -45,14 +45,15 @@ __all__ = [
 
 
 def expose_samples(gm: fx.GraphModule) -> int:
-    """Append every sample's ``index`` and ``x_saved`` to ``gm``'s outputs; returns how many
-    outputs ``gm`` had before."""
+    """Append every sample's ``index`` and ``x_saved`` to ``gm``'s outputs (only the ``index`` where
+    the rewrite left the rows to backward); returns how many outputs ``gm`` had before."""
     from wtacompile.ops import sample_input
+    from wtacompile.passes.rewrite_sampled import ROWS_IN_BACKWARD
 
     output = gm.graph.output_node()
     values = output.args[0]
     extra = [user for node in gm.graph.find_nodes(op="call_function", target=sample_input)
-             for user in node.users if user.target is operator.getitem]
+             for user in node.users if user.target is operator.getitem and not user.meta.get(ROWS_IN_BACKWARD)]
     if not isinstance(values, (tuple, list)):
         raise TypeError(f"expected a dynamo graph returning a tuple, got {type(values).__name__}")
     if extra:

@@ -83,6 +83,7 @@ class InputGroup:
     input_bytes: Size
     verdict: str  # FREES, FREES_NOTHING or ADDS_MEMORY, before weighing the compact copies
     reason: str
+    input_saved: bool = False  # the sampled partition still saves the whole input
 
 
 @dataclass(frozen=True)
@@ -132,3 +133,6 @@ class SiteDecision:
     reason: str
     freed_bytes: int = 0  # predicted: its share of the input released minus its compact rows
     input_root: str | None = None  # joint-graph storage it reads (sites sharing one share it)
+    # Sampled for speed where the input stays saved anyway: forward keeps only the indices, and
+    # backward gathers the rows from the saved input (no compact copy).
+    rows_in_backward: bool = False

@@ -59,9 +59,12 @@ def plan(
     solver can fit the budget: the least recompute that fits (recompute is what costs time,
     sampling saves some), and at that budget the least-variance ratios. A budget dense training
     fits is planned exact at partitioner budget 1; ``activation_budgets=(1.0,)`` plans sampling
-    alone. At budgets below 1, a model composed from a few traced blocks may differ slightly from
-    its full trace (the partitioner's knapsack sees the whole graph): measured within 3%,
-    over-estimating. The largest-batch search is at the first budget. The plan's
+    alone. Below budget 1 the model is traced whole (``compose_blocks`` applies at budget 1 only):
+    the partitioner's knapsack spreads its budget unevenly over identical blocks, and a plan
+    composed from three of them was off by a third of the saved bytes. Under recompute the
+    analysis reads the sampled partition itself and the groups it keeps only indices of are
+    sampled at the traced ratio 0.3 (see :mod:`wtacompile.passes.analyze_savings`). The
+    largest-batch search is at the first budget. The plan's
     ``predicted_step_time`` (:mod:`wtacompile.time_model`) is relative to dense training at the
     first budget (1 by default), on ``device_type`` (default: the model's; ``"cuda"`` for a model
     on the meta device).
@@ -79,10 +82,10 @@ def plan(
     parameters of the units in flight are not counted. For DDP leave it at 1 (nothing is sharded).
     A model wrapped by PEFT (``get_peft_model``) plans its adapters on the frozen base.
 
-    ``compose_blocks``: trace three blocks of each run of identical blocks (a transformer's
-    layers: the first, one standing for the middle ones, the last) and compose the model from
-    them (:mod:`wtacompile.planning.blocks`; the same numbers, in a fraction of the time);
-    ``False`` traces every block.
+    ``compose_blocks``: at partitioner budget 1, trace three blocks of each run of identical
+    blocks (a transformer's layers: the first, one standing for the middle ones, the last) and
+    compose the model from them (:mod:`wtacompile.planning.blocks`; the same numbers, in a
+    fraction of the time); ``False`` traces every block.
     """
     _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size)
     budgets = _check_budgets(activation_budgets) if inner != "eager" else (1.0,)  # eager: no partitioner
@@ -106,8 +109,10 @@ def plan(
         for position, partitioner in enumerate(budgets):
             progress.set_postfix_str(f"tracing and analysing the training graphs "
                                      f"(activation_memory_budget {partitioner:g})")
+            # Below budget 1 the knapsack does not treat the copies of a block alike (of six
+            # identical inputs it may keep four), so a few traced blocks do not compose.
             states = _capture(model, inputs, dataclasses.replace(config, activation_memory_budget=partitioner),
-                              trace_batch if search else None, compose_blocks)
+                              trace_batch if search else None, compose_blocks and partitioner >= 1.0)
             dense = dense or states
             progress.update()
             progress.set_postfix_str("searching the largest batch" if search else "solving")
