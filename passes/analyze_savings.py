@@ -82,9 +82,11 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     # Verdicts are structure, not sizes: trace at the traced sizes (half the cost of a symbolic
     # trace) and size each input from its twin in the dense trace. Not under a partitioner budget
     # below 1: its knapsack sizes every input, and a symbolic scalar traced as its hint has none.
-    under_recompute = effective_partitioner_budget(config) < 1.0
+    # The eager inner compiler has no partitioner: torch's budget does not apply to it.
+    under_recompute = config.inner != "eager" and effective_partitioner_budget(config) < 1.0
     sampled = trace_partition(trial, config, static=not under_recompute)
-    groups, compact = _group_by_input(dense, sampled, rewritten, dense_sizer, under_recompute)
+    groups, compact = _group_by_input(dense, sampled, rewritten, dense_sizer, under_recompute,
+                                      config.inner != "eager")
     grouped = {w for group in groups for w in group.weights}
     untraced = tuple(s.weight for s in candidates if s.weight not in grouped)
     if not under_recompute:
@@ -106,7 +108,7 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
         groups = tuple(dataclasses.replace(g, verdict=ADDS_MEMORY, reason=reason, input_saved=False) for g in groups)
         return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost))
     memory = graph_memory(sampled, parameters, _AsIfExact(
-        sizer, {name: size for group in groups if group.verdict == FREES for name, size in compact[group.root]}),
+        sizer, {name: size for group, rows in zip(groups, compact) if group.verdict == FREES for name, size in rows}),
         fuses)
     return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost,
                                                                under_recompute=True))
@@ -129,9 +131,9 @@ class _AsIfExact:
 
 
 def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: Rewritten,
-                    sizer: Sizer, under_recompute: bool
-                    ) -> tuple[tuple[InputGroup, ...], dict[str, list[tuple[str, Size]]]]:
-    """The groups, and per group (by root) the saved compact-row nodes of the sampled trace with
+                    sizer: Sizer, under_recompute: bool, inner_partitions: bool
+                    ) -> tuple[tuple[InputGroup, ...], list[list[tuple[str, Size]]]]:
+    """The groups, and per group (in order) the saved compact-row nodes of the sampled trace with
     the sizes :class:`_AsIfExact` gives them. ``sizer`` sizes nodes of the dense trace."""
     samples = rewritten.samples
     dense_keys = provenance_keys(dense.joint, {})
@@ -139,7 +141,7 @@ def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: R
     dense_by_key = {key: dense.joint_nodes[name] for name, key in dense_keys.items()}
     keys = provenance_keys(sampled.joint, rewritten.renamed)
     saved = [sampled.joint_nodes[name] for name in sampled.saved_roots if name in sampled.joint_nodes]
-    groups, compact = [], {}
+    groups, compact = [], []
     for node in sampled.joint.graph.find_nodes(op="call_function", target=torch.ops.wtacompile.sample_rows.default):
         origin = dynamo_origin(node)
         if origin not in samples:
@@ -156,9 +158,11 @@ def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: R
         else:
             verdict, reason = _verdict(sampled, root.name, keys.get(root.name) in dense_saved, compact_saved)
         zero = sizer(twin) * 0
-        compact[root.name] = [(n.name, sizer(twin) if n.meta["val"].dim() == 2 else zero) for n in rows]
+        compact.append([(n.name, sizer(twin) if n.meta["val"].dim() == 2 else zero) for n in rows])
+        # Only a partitioner gathers rows in backward (the eager inner compiler saves the copy).
+        input_saved = root.name in sampled.saved_roots and inner_partitions
         groups.append(InputGroup(root.name, tuple(s.weight for s in samples[origin]), sizer(twin),
-                                 verdict, reason, root.name in sampled.saved_roots))
+                                 verdict, reason, input_saved))
     return tuple(groups), compact
 
 

@@ -18,7 +18,7 @@ weight-gradient GEMMs on ``k`` of ``N`` rows save more time than the sampling co
 Below partitioner budget 1 the analysis reads the sampled partition itself
 (``analysis.under_recompute``): the ``frees`` groups are chosen as above, and every other group
 is sampled at the ratio it was traced at, since that partition is the one the memory was read
-from (and it saves less than the dense one, or the analysis would have said ``adds-memory``).
+from (and it saves no more than the dense one, or the analysis would have said ``adds-memory``).
 
 Returns the state with ``decisions``: one :class:`~wtacompile.sites.SiteDecision` per site.
 """
@@ -127,10 +127,10 @@ def _decide_group(group: InputGroup, sites: list[LinearSite], ratios: dict[str, 
 
 def _sampled_as_traced(group: InputGroup, sites: list[LinearSite], ratio: float) -> dict[str, SiteDecision]:
     """Below partitioner budget 1 (``analysis.under_recompute``): the sampled partition, which
-    saves less than the dense one, is what the memory model holds, so it is what is compiled."""
+    saves no more than the dense one, is what the memory model holds, so it is what is compiled."""
     shared = f" (input shared by {len(sites)} linears)" if len(sites) > 1 else ""
     reason = (f"{group.reason}; sampled as analysed: under recompute the sampled partition saves "
-              f"less than the dense one{shared}")
+              f"no more than the dense one{shared}")
     return {s.weight: SiteDecision(True, ratio, group.verdict, reason, 0, group.root) for s in sites}
 
 

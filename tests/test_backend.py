@@ -257,6 +257,12 @@ def test_input_saved_anyway_is_sampled_for_speed_with_rows_gathered_in_backward(
     for name, p in eager.named_parameters():
         torch.testing.assert_close(grads["wtacrs"][name], p.grad, rtol=1e-5, atol=1e-6)
     assert not torch.equal(grads["wtacrs"]["proj.weight"], grads["dense"]["proj.weight"])
+    # Without a partitioner (inner="eager") nothing gathers in backward: the copy would add.
+    torch._dynamo.reset()
+    wtacompile.clear_reports()
+    torch.compile(copy.deepcopy(model), backend="wtacrs", options=dict(inner="eager", exclude=["up.*"]))(x)
+    proj = next(s for s in wtacompile.last_compile_report().sites if s.weight == "proj.weight")
+    assert proj.verdict == "adds-memory" and not proj.sampled
 
 
 def test_sampling_never_saves_more_than_the_activation_budget_alone(caplog):

@@ -11,6 +11,7 @@ import re
 from collections import defaultdict
 
 import torch
+import torch._inductor.config  # optimize_scatter_upon_const_tensor, read by _is_pointwise
 import torch.fx as fx
 
 from wtacompile._compat import (

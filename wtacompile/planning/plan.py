@@ -62,8 +62,9 @@ def plan(
     alone. Below budget 1 the model is traced whole (``compose_blocks`` applies at budget 1 only):
     the partitioner's knapsack spreads its budget unevenly over identical blocks, and a plan
     composed from three of them was off by a third of the saved bytes. Under recompute the
-    analysis reads the sampled partition itself and the groups it keeps only indices of are
-    sampled at the traced ratio 0.3 (see :mod:`wtacompile.passes.analyze_savings`). The
+    analysis reads the sampled partition itself (traced with every candidate at 0.3): the
+    solver chooses the ratios of the ``frees`` groups, and every other group is sampled at 0.3
+    as traced (see :mod:`wtacompile.passes.analyze_savings`). The
     largest-batch search is at the first budget. The plan's
     ``predicted_step_time`` (:mod:`wtacompile.time_model`) is relative to dense training at the
     first budget (1 by default), on ``device_type`` (default: the model's; ``"cuda"`` for a model
