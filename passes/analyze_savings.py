@@ -49,10 +49,10 @@ import torch.fx as fx
 
 from wtacompile._compat import dynamo_origin, joint_parameter_inputs, storage_root
 from wtacompile.analysis.graph_cost import graph_cost
-from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys
-from wtacompile.memory_model import Size
+from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys, saved_bytes
 from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, trace_partition
 from wtacompile.lower import effective_partitioner_budget, expose_samples
+from wtacompile.memory_model import Size
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, InputGroup, SavingsAnalysis
 from .compile_state import CompileState
 from .rewrite_sampled import Rewritten, fresh_states, rewrite_sites
@@ -83,17 +83,17 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     # trace) and size each input from its twin in the dense trace. Not under a partitioner budget
     # below 1: its knapsack sizes every input, and a symbolic scalar traced as its hint has none.
     # The eager inner compiler has no partitioner: torch's budget does not apply to it.
-    under_recompute = config.inner != "eager" and effective_partitioner_budget(config) < 1.0
+    partitions = config.inner != "eager"
+    under_recompute = partitions and effective_partitioner_budget(config) < 1.0
     sampled = trace_partition(trial, config, static=not under_recompute)
-    groups, compact = _group_by_input(dense, sampled, rewritten, dense_sizer, under_recompute,
-                                      config.inner != "eager")
+    groups, compact = _group_by_input(dense, sampled, rewritten, dense_sizer, under_recompute, partitions)
     grouped = {w for group in groups for w in group.weights}
     untraced = tuple(s.weight for s in candidates if s.weight not in grouped)
     if not under_recompute:
         return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost))
-    parameters = joint_parameter_inputs(trial, sampled.joint)
-    sizer = Sizer(sampled.joint, parameters)
-    as_traced = graph_memory(sampled, parameters, sizer, fuses).activations.traced
+    sampled_parameters = joint_parameter_inputs(trial, sampled.joint)
+    sizer = Sizer(sampled.joint, sampled_parameters)
+    as_traced = saved_bytes(sampled, sampled_parameters, sizer).traced
     if as_traced > memory.activations.traced:
         # The knapsack balances the sampled graph differently (its ratio of saved bytes is
         # relative to that graph's own extremes), and here to more bytes: sampling would cost
@@ -107,7 +107,7 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
                   f"more than the dense one ({as_traced} against {memory.activations.traced} bytes)")
         groups = tuple(dataclasses.replace(g, verdict=ADDS_MEMORY, reason=reason, input_saved=False) for g in groups)
         return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost))
-    memory = graph_memory(sampled, parameters, _AsIfExact(
+    memory = graph_memory(sampled, sampled_parameters, _AsIfExact(
         sizer, {name: size for group, rows in zip(groups, compact) if group.verdict == FREES for name, size in rows}),
         fuses)
     return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost,

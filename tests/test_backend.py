@@ -145,8 +145,8 @@ def test_shared_input_with_dense_sibling_is_not_sampled():
     assert "shared by 3" in sites["q.weight"].reason
 
 
-def _saved_bytes(model, options, x):
-    compiled = torch.compile(model, backend="wtacrs", options=options)
+def _saved_bytes(model, options, x, backend="wtacrs"):
+    compiled = torch.compile(model, backend=backend, options=options)
     with SavedTensorMeter(model.parameters()) as meter:
         y = compiled(x)
     y.sum().backward()
@@ -240,12 +240,9 @@ def test_input_saved_anyway_is_sampled_for_speed_with_rows_gathered_in_backward(
         torch._dynamo.reset()
         wtacompile.clear_reports()
         trained = copy.deepcopy(model)
-        compiled = torch.compile(trained, backend=backend, options=options)
         torch.manual_seed(123)
-        with SavedTensorMeter(trained.parameters()) as meter:
-            out = compiled(x).sum()
-        out.backward()
-        saved[name], grads[name] = meter.activation_bytes, {n: p.grad for n, p in trained.named_parameters()}
+        saved[name] = _saved_bytes(trained, options, x, backend)
+        grads[name] = {n: p.grad for n, p in trained.named_parameters()}
     proj = next(s for s in wtacompile.last_compile_report().sites if s.weight == "proj.weight")
     assert proj.sampled and proj.verdict == "adds-memory" and "gathered in backward" in proj.reason
     k = num_kept_rows(256, 0.3, WTAConfig().min_rows)
@@ -276,12 +273,7 @@ def test_sampling_never_saves_more_than_the_activation_budget_alone(caplog):
         torch._dynamo.reset()
         backend = "aot_eager" if options is None else "wtacrs"
         with torch._functorch.config.patch(activation_memory_budget=0.05), caplog.at_level("WARNING", "wtacompile"):
-            trained = copy.deepcopy(model)
-            compiled = torch.compile(trained, backend=backend, options=options)
-            with SavedTensorMeter(trained.parameters()) as meter:
-                out = compiled(x).sum()
-            out.backward()
-        saved[name] = meter.activation_bytes
+            saved[name] = _saved_bytes(copy.deepcopy(model), options, x, backend)
     assert not wtacompile.last_compile_report().sampled_sites
     assert "the sampled partition of this graph saves" in caplog.text
     assert saved["wtacrs"] == saved["dense"] == x.numel() * x.element_size()

@@ -39,6 +39,7 @@ from wtacompile.estimator import num_kept_rows
 from wtacompile.lower import compile_graph
 from wtacompile.passes import ANALYSIS_PASSES, BudgetNotMet, CompileState, choose_ratios, rewrite_sampled, run_passes
 from wtacompile.report import GraphReport, record
+from wtacompile.sites import sampled_linear
 from wtacompile.solver import DEFAULT_BUDGET_MENU
 from wtacompile.time_model import SampledLinear, balance_for, step_time_ratio
 
@@ -142,12 +143,8 @@ def _sampled_linears(state: CompileState) -> list[tuple[SampledLinear, int]]:
     for group in state.analysis.groups:
         decision = state.decisions[group.weights[0]]
         if decision.sampled:
-            readers = [sites[w] for w in group.weights]
-            first = readers[0]
-            linear = SampledLinear(first.rows, first.in_features, first.itemsize,
-                                   tuple(r.out_features for r in readers),
-                                   state.config.row_scores == "gradient")
-            sampled.append((linear, num_kept_rows(first.rows, decision.keep_ratio, state.config.min_rows)))
+            linear = sampled_linear([sites[w] for w in group.weights], state.config.row_scores == "gradient")
+            sampled.append((linear, num_kept_rows(linear.rows, decision.keep_ratio, state.config.min_rows)))
     return sampled
 
 

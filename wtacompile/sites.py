@@ -12,11 +12,11 @@ None of them changes after it is made; the report is built from them at the end.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from wtacompile.memory_model import GraphMemory, Reader, SampleableInput, Size
-from wtacompile.time_model import GraphCost
+from wtacompile.time_model import GraphCost, SampledLinear
 
 __all__ = [
     "ADDS_MEMORY",
@@ -27,6 +27,7 @@ __all__ = [
     "LinearSite",
     "SavingsAnalysis",
     "SiteDecision",
+    "sampled_linear",
 ]
 
 # Verdicts.
@@ -136,3 +137,11 @@ class SiteDecision:
     # Sampled for speed where the input stays saved anyway: forward keeps only the indices, and
     # backward gathers the rows from the saved input (no compact copy).
     rows_in_backward: bool = False
+
+
+def sampled_linear(readers: Sequence[LinearSite], gradient_aware: bool, rows: int | None = None) -> SampledLinear:
+    """The time model's view of one sampled input and the linears reading it, at ``rows`` rows
+    (default: as traced)."""
+    first = readers[0]
+    return SampledLinear(first.rows if rows is None else rows, first.in_features, first.itemsize,
+                         tuple(r.out_features for r in readers), gradient_aware)

@@ -25,7 +25,7 @@ from wtacompile._compat import (
 from wtacompile.memory_model import Allocation, GraphMemory, Size
 from .partition_trace import PartitionTrace
 
-__all__ = ["Sizer", "graph_memory", "module_path", "owning_module", "provenance_keys"]
+__all__ = ["Sizer", "graph_memory", "module_path", "owning_module", "provenance_keys", "saved_bytes"]
 
 
 class Sizer:
@@ -75,15 +75,23 @@ def graph_memory(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer
                  fuses_pointwise: bool = False) -> GraphMemory:
     """The partition's saved activations and backward live-bytes curve, parameters excluded;
     ``fuses_pointwise``: the backward is compiled by Inductor (see :func:`_materialized`)."""
-    nodes = trace.joint_nodes
     zero = Size(0, 0 if sizer.symbolic else None)
-    saved, saved_owners = zero, []
-    for name in sorted(trace.saved_roots - parameter_inputs):
-        if name in nodes:
-            saved = saved + sizer(nodes[name])
-            saved_owners.append((module_path(nodes[name]), sizer(nodes[name])))
+    saved_owners = [(module_path(node), sizer(node)) for node in _saved_nodes(trace, parameter_inputs)]
+    saved = sum((size for _, size in saved_owners), zero)
     live, allocations = _backward_live(trace, parameter_inputs, sizer, zero, fuses_pointwise)
     return GraphMemory(saved, live, tuple(saved_owners), allocations)
+
+
+def saved_bytes(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer) -> Size:
+    """The partition's saved activations alone (``graph_memory(...).activations``, without the
+    backward's live curve)."""
+    return sum((sizer(node) for node in _saved_nodes(trace, parameter_inputs)),
+               Size(0, 0 if sizer.symbolic else None))
+
+
+def _saved_nodes(trace: PartitionTrace, parameter_inputs: set[str]) -> list[fx.Node]:
+    nodes = trace.joint_nodes
+    return [nodes[name] for name in sorted(trace.saved_roots - parameter_inputs) if name in nodes]
 
 
 # The compiled frame's model: ``L['self']``, or ``L['args'][0]`` under a ``*args`` forward wrapper.
@@ -125,10 +133,12 @@ def _backward_live(trace: PartitionTrace, parameter_inputs: set[str], sizer: Siz
     returned = {storage_root(n) for n in output.all_input_nodes}
     # When a node's reads happen: at its own position, or for a value Inductor inlines, in the
     # kernel that materialises its last reader (its inputs stay alive until that kernel runs).
+    inlined = {n for n in nodes if fuses_pointwise and storage_root(n) is n and n not in returned
+               and not _materialized(n)}
     runs_at = dict(position)
     if fuses_pointwise:
         for node in reversed(nodes):
-            if node not in returned and (storage_root(node) is not node or not _materialized(node)):
+            if node in inlined or (storage_root(node) is not node and node not in returned):
                 runs_at[node] = max((runs_at[u] for u in node.users if u in runs_at), default=position[node])
     dies_after: dict[fx.Node, int] = {n: position[n] for n in nodes if storage_root(n) is n}
     for node in nodes:
@@ -141,8 +151,7 @@ def _backward_live(trace: PartitionTrace, parameter_inputs: set[str], sizer: Siz
             releases[when].append(base)
 
     def counted(node: fx.Node) -> bool:
-        return (isinstance(node.meta.get("val"), torch.Tensor) and node.name not in excluded
-                and (not fuses_pointwise or node in returned or _materialized(node)))
+        return isinstance(node.meta.get("val"), torch.Tensor) and node.name not in excluded and node not in inlined
 
     live, curve, made = zero, [], []
     last_live: dict[fx.Node, int] = {}  # a released storage: the last point it was alive at

@@ -21,9 +21,9 @@ from wtacompile.config import WTAConfig, check_activation_memory_budget, check_m
 from wtacompile.estimator import DEFAULT_MIN_ROWS, num_kept_rows
 from wtacompile.memory_model import MemoryModel, format_bytes, parameter_bytes
 from wtacompile.passes import CompileState
-from wtacompile.sites import FREES
+from wtacompile.sites import FREES, sampled_linear
 from wtacompile.solver import DEFAULT_BUDGET_MENU, DEFAULT_MENU, Solution, solve
-from wtacompile.time_model import GraphCost, SampledLinear, balance_for, step_time_ratio
+from wtacompile.time_model import GraphCost, balance_for, step_time_ratio
 from .blocks import compose_states, find_repeated_blocks, one_block_per_run
 from .capture import capture_analyses
 from .inputs import default_example_inputs
@@ -241,10 +241,8 @@ def _step_time(states, dense_states, mm: MemoryModel, solution: Solution, scale:
         for group in state.analysis.groups:
             if group.weights[0] in as_traced:
                 readers = [sites[w] for w in group.weights]
-                rows = max(1, round(readers[0].rows * scale))
-                linear = SampledLinear(rows, readers[0].in_features, readers[0].itemsize,
-                                       tuple(r.out_features for r in readers), gradient_aware)
-                sampled.append((linear, num_kept_rows(rows, as_traced[group.weights[0]], mm.min_rows)))
+                linear = sampled_linear(readers, gradient_aware, max(1, round(readers[0].rows * scale)))
+                sampled.append((linear, num_kept_rows(linear.rows, as_traced[group.weights[0]], mm.min_rows)))
     return step_time_ratio([scaled(s.analysis.cost) for s in states], sampled,
                            [scaled(s.analysis.cost) for s in dense_states], balance)
 
