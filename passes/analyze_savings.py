@@ -75,16 +75,22 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     if not candidates:
         return dataclasses.replace(state, analysis=SavingsAnalysis((), (), memory, cost))
 
+    # The eager inner compiler has no partitioner: torch's budget does not apply to it.
+    partitions = config.inner != "eager"
+    under_recompute = partitions and effective_partitioner_budget(config) < 1.0
     trial = copy_module(gm)
+    # At budget 1 the sampled trace gives verdicts only, and those are structure: whether the
+    # partition still keeps each input. Gradient-aware scores add the row cells and the learned
+    # states (read by the draw in forward, written from dY in backward), none of which touches
+    # x, so the trace is made with norm-only scores: about half the nodes (plans of eight
+    # families identical either way). Under recompute the sampled partition's own bytes are
+    # the memory, so it is traced as it will be compiled.
     rewritten = rewrite_sites(trial, candidates, {s.weight: s.requested_ratio for s in candidates}, config,
-                              fresh_states)
+                              fresh_states if under_recompute else None)
     expose_samples(trial)  # as the real compile will: the draw stays in forward
     # Verdicts are structure, not sizes: trace at the traced sizes (half the cost of a symbolic
     # trace) and size each input from its twin in the dense trace. Not under a partitioner budget
     # below 1: its knapsack sizes every input, and a symbolic scalar traced as its hint has none.
-    # The eager inner compiler has no partitioner: torch's budget does not apply to it.
-    partitions = config.inner != "eager"
-    under_recompute = partitions and effective_partitioner_budget(config) < 1.0
     sampled = trace_partition(trial, config, static=not under_recompute)
     groups, compact = _group_by_input(dense, sampled, rewritten, dense_sizer, under_recompute, partitions)
     grouped = {w for group in groups for w in group.weights}

@@ -143,16 +143,20 @@ def rewrite_sites(gm: fx.GraphModule, sites: Iterable[LinearSite], ratios: Mappi
     cells_by_layout: dict[tuple, fx.Node] = {}
     state_nodes: dict[fx.Node, fx.Node] = {}  # weight -> its state: one however many linears it serves
     nodes = {n.name: n for n in graph.nodes}
-    readers: dict[fx.Node, list[tuple[LinearSite, fx.Node]]] = {}
+    readers: dict[object, list[tuple[LinearSite, fx.Node]]] = {}
+    first_x: dict[object, fx.Node] = {}
     for site in sites:
         if site.weight in ratios:
             node = nodes[site.node]
-            readers.setdefault(_linear_operands(node, site)[0], []).append((site, node))
+            x = _linear_operands(node, site)[0]
+            key = _value_key(x)
+            first_x.setdefault(key, x)
+            readers.setdefault(key, []).append((site, node))
     samples: dict[str, tuple[LinearSite, ...]] = {}
     renamed: dict[str, str] = {}
     replaced_by: dict[fx.Node, fx.Node] = {}
-    for x, members in readers.items():  # in graph order: a rewritten linear feeding x comes first
-        x = replaced_by.get(x, x)
+    for key, members in readers.items():  # in graph order: a rewritten linear feeding x comes first
+        x = replaced_by.get(first_x[key], first_x[key])
         ratio = max(ratios[site.weight] for site, _ in members)
         cells, member_states = None, {}
         # Rows of a (B, D) input (a pooler, a classifier head) are all one cell: nothing to learn.
@@ -193,6 +197,24 @@ def rewrite_sites(gm: fx.GraphModule, sites: Iterable[LinearSite], ratios: Mappi
     graph.lint()
     gm.recompile()
     return Rewritten(samples, renamed)
+
+
+#: Tensor methods that make a new tensor of the same values from their receiver and constants: two
+#: calls with the same receiver and arguments are one value (AOTAutograd's CSE merges them).
+_VALUE_COPIES = {"to", "float", "half", "bfloat16", "double", "type", "contiguous"}
+
+
+def _value_key(x: object) -> object:
+    """What identifies ``x``'s value for sharing a sample: the node itself, or, for a cast of a
+    value (PEFT casts a LoRA adapter's input to its weights' dtype, once per adapter), the cast
+    and its receiver's key. Two adapters beside q and v then share one draw of their one input;
+    each would otherwise draw its own, and the traced graph would merge their row norms."""
+    if (isinstance(x, fx.Node) and x.op == "call_method" and x.target in _VALUE_COPIES and x.args
+            and isinstance(x.args[0], fx.Node)
+            and not any(isinstance(a, fx.Node) for a in (*x.args[1:], *x.kwargs.values()))):
+        return (x.target, _value_key(x.args[0]), tuple(map(repr, x.args[1:])),
+                tuple(sorted((k, repr(v)) for k, v in x.kwargs.items())))
+    return x
 
 
 def _row_inputs(graph: fx.Graph) -> dict[str, fx.Node]:

@@ -52,6 +52,27 @@ def test_peft_lora_trains_with_real_names_and_exclude():
     assert any(".layers.1." in n and "lora_B" in n for n in changed)
 
 
+def test_lora_adapters_beside_q_and_v_share_one_draw_in_bf16():
+    """PEFT keeps a bf16 model's adapters in fp32 and casts their input once per adapter; the two
+    casts are one value, so q's and v's lora_A share one draw (and the plan traces, where it
+    once found two draws whose row norms the trace had merged)."""
+    model, batch = build("llama")
+    peft_model = _lora(model.to(torch.bfloat16), targets=("q_proj", "v_proj"))
+    assert peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight.dtype == torch.float32
+    compiled = torch.compile(peft_model, backend="wtacrs", options=dict(AOT, keep_ratio=0.5))
+    wtacompile.clear_reports()
+    compiled(**batch).loss.float().backward()
+    sampled = [s for r in wtacompile.compile_reports() if r.training for s in r.sites if s.sampled]
+    adapters = [s for s in sampled if ".lora_A." in s.weight]
+    assert len(adapters) == 4 and all("input shared by 2 linears" in s.reason for s in adapters)
+    assert len({s.input_root for s in adapters}) == 2  # one per layer
+    with torch.device("meta"):
+        meta_model, _ = build("llama")
+    planned = wtacompile.plan(_lora(meta_model.to(torch.bfloat16), targets=("q_proj", "v_proj")),
+                              24, batch_size=2, seq_len=16)
+    assert any(".lora_A." in layer.weight for layer in planned.layers)
+
+
 def test_trainer_with_model_compiled_in_place(tmp_path):
     """``model.compile(backend="wtacrs")`` compiles in place: the Trainer still sees the model's
     class and ``forward`` signature (it drops dataset columns the signature lacks, which an

@@ -158,3 +158,47 @@ def test_plan_json_rejects_edited_or_corrupted_files(changes, match):
         Plan.from_json(text)
     with pytest.raises(ValueError, match="invalid JSON"):
         Plan.from_json(text[:-5])
+
+
+@pytest.mark.parametrize("family,budget", [("llama", 1.0), ("bert", 0.5)])
+def test_faster_min_cut_partitions_exactly_like_the_default(family, budget):
+    """Boykov–Kolmogorov's max flow gives torch's partitioner the very split its default
+    (preflow-push) does, at budget 1 and through the knapsack's repeated cuts below it."""
+    import networkx as nx
+    from hf_models import build
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from wtacompile._compat import aot_trace
+    from wtacompile.lower import faster_min_cut
+
+    model, batch = build(family)
+    splits, cuts = {}, []
+    default = nx.minimum_cut
+
+    def counting(*args, **kwargs):
+        cuts.append(kwargs.get("flow_func"))
+        return default(*args, **kwargs)
+
+    def backend(gm, _inputs):
+        for fast in (False, True):
+            def partition(joint, joint_inputs, **kwargs):
+                fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor", **kwargs)
+                splits[fast] = (fw.code, bw.code)
+                return fw, bw
+
+            with torch._functorch.config.patch(activation_memory_budget=budget):
+                if fast:
+                    with faster_min_cut():
+                        aot_trace(gm, partition)
+                else:
+                    aot_trace(gm, partition)
+        return gm.forward
+
+    nx.minimum_cut = counting
+    try:
+        torch.compile(model, backend=backend)(**batch)
+    finally:
+        nx.minimum_cut = default
+    assert nx.minimum_cut is default
+    assert nx.algorithms.flow.boykov_kolmogorov in cuts and None in cuts  # both ran
+    assert splits[True] == splits[False]

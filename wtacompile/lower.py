@@ -14,6 +14,10 @@ draw in forward:
   nodes) never recomputes it. It runs on the joint graph right before partitioning: through
   Inductor's ``joint_custom_pre_pass`` hook, and through :func:`pinned_min_cut_partition` for the
   ``aot_eager`` inner compiler and the analysis traces.
+
+:func:`pinned_min_cut_partition` also solves the partitioner's min cuts with Boykov–Kolmogorov
+instead of networkx's default preflow-push (:func:`faster_min_cut`): the same partition, in a
+tenth of the time on transformer joint graphs, which is most of what a plan costs.
 """
 
 from __future__ import annotations
@@ -130,11 +134,39 @@ class PinSampledChoices(CustomGraphPass):
         return ("wtacompile.pin_sampled_choices.v1", previous)
 
 
+@contextlib.contextmanager
+def faster_min_cut():
+    """``networkx.minimum_cut`` with the Boykov–Kolmogorov max-flow for the duration.
+
+    The partition is the same as with the default (preflow-push) whatever the max-flow
+    algorithm: ``minimum_cut`` returns as the sink side ``T`` the nodes that reach the sink in the
+    residual network of the maximum (pre)flow it found. Every maximum preflow saturates every
+    edge out of the source side of every minimum cut and carries nothing back, so no node of any
+    minimum cut's source side reaches the sink: ``T`` is the intersection of the sink sides of all
+    minimum cuts, one set, whichever flow reached it. (Capacities are floats; the flows compared
+    against them are sums of the same capacities, and on 47 cuts of eight families' graphs, at
+    budgets 1 and 0.5, the partitions were identical — ``tests/test_passes.py`` checks some.)
+    On those graphs it is 8–10× faster: preflow-push spends seconds relabelling the long chains
+    of a transformer's joint graph.
+    """
+    import networkx as nx
+    from networkx.algorithms.flow import boykov_kolmogorov
+
+    default = nx.minimum_cut
+    nx.minimum_cut = functools.partial(default, flow_func=boykov_kolmogorov)
+    try:
+        yield
+    finally:
+        nx.minimum_cut = default
+
+
 @functools.wraps(min_cut_rematerialization_partition)
 def pinned_min_cut_partition(joint_module: fx.GraphModule, joint_inputs, **kwargs):
-    """Inductor's min-cut partitioner, after :func:`pin_sampled_choices`."""
+    """Inductor's min-cut partitioner, after :func:`pin_sampled_choices`, its min cuts solved by
+    :func:`faster_min_cut`."""
     pin_sampled_choices(joint_module.graph)
-    return min_cut_rematerialization_partition(joint_module, joint_inputs, compiler="inductor", **kwargs)
+    with faster_min_cut():
+        return min_cut_rematerialization_partition(joint_module, joint_inputs, compiler="inductor", **kwargs)
 
 
 def inner_compiler(config: WTAConfig, mode: str | None) -> Callable:
