@@ -51,7 +51,7 @@ from wtacompile._compat import dynamo_origin, joint_parameter_inputs, storage_ro
 from wtacompile.analysis.graph_cost import graph_cost
 from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys, saved_bytes
 from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, trace_partition
-from wtacompile.lower import effective_partitioner_budget, expose_samples
+from wtacompile.lower import SAVED_DTYPE, effective_partitioner_budget, expose_samples
 from wtacompile.memory_model import Size
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, InputGroup, SavingsAnalysis
 from .compile_state import CompileState
@@ -167,9 +167,34 @@ def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: R
         compact.append([(n.name, sizer(twin) if n.meta["val"].dim() == 2 else zero) for n in rows])
         # Only a partitioner gathers rows in backward (the eager inner compiler saves the copy).
         input_saved = root.name in sampled.saved_roots and inner_partitions
+        # Under recompute the sampled partition's own bytes are the memory: nothing to add.
+        kept = None if under_recompute or verdict != FREES else _kept_instead(
+            root, [n for n in saved if keys.get(n.name) not in dense_saved
+                   and dynamo_origin(n) not in rewritten.renamed], origin, sizer(twin))
         groups.append(InputGroup(root.name, tuple(s.weight for s in samples[origin]), sizer(twin),
-                                 verdict, reason, input_saved))
+                                 verdict, reason, input_saved, kept))
     return tuple(groups), compact
+
+
+def _kept_instead(root: fx.Node, saved: list[fx.Node], origin: str, root_size: Size) -> Size | None:
+    """What the sampled partition saves, and the dense one does not, computed from ``root`` (not
+    the sample's own rows): a ReLU's ``out <= 0`` once the output itself is not saved. ``saved``:
+    the sampled partition's saved nodes the dense one lacks. Sized from ``root``'s dense size
+    by numel and saved item size (affine in the batch like it). The sampled linears' own values
+    (their outputs, traced from the rewritten calls) are not candidates."""
+    value = root.meta["val"]
+    whole = value.numel() * value.element_size()
+    kept = None
+    for node in saved:
+        if dynamo_origin(node) == origin or node is root or not any(
+                storage_root(a) is root for a in node.all_input_nodes):
+            continue
+        own = node.meta["val"]
+        share = own.numel() * node.meta.get(SAVED_DTYPE, own.dtype).itemsize
+        size = Size(root_size.traced * share // whole,
+                    None if root_size.per_batch is None else root_size.per_batch * share // whole)
+        kept = size if kept is None else kept + size
+    return kept
 
 
 def _sampled_input(node: fx.Node, origin: str) -> fx.Node:

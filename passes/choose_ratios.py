@@ -91,14 +91,16 @@ def _decide_group(group: InputGroup, sites: list[LinearSite], ratios: dict[str, 
         reason = "exact: the memory budget is met without sampling it"
         return {s.weight: SiteDecision(False, None, SKIPPED, reason, input_root=group.root) for s in sites}
     first = sites[0]
-    freed = group.input_bytes.traced - compact_bytes(first.rows, first.in_features, first.itemsize,
+    freed = group.freed_input_bytes.traced - compact_bytes(first.rows, first.in_features, first.itemsize,
                                                      ratio, min_rows)
     verdict, reason, sampled, gathered = group.verdict, group.reason, False, False
     if verdict == FREES:
         # Under dynamic shapes one graph serves every length: judge it where N is large (k ≈ rN),
         # by bytes per row — r·(D·itemsize + 8 index bytes) against D·itemsize.
         row_bytes = first.in_features * first.itemsize
-        frees_when_long = first.dynamic_rows and ratio * (row_bytes + INDEX_BYTES) < row_bytes
+        # Of each row, what sampling frees: all of it, less what is kept in its place (a mask).
+        freeable = row_bytes * group.freed_input_bytes.traced / max(group.input_bytes.traced, 1)
+        frees_when_long = first.dynamic_rows and ratio * (row_bytes + INDEX_BYTES) < freeable
         sampled = freed > 0 or frees_when_long
         if not sampled:
             verdict, reason = ADDS_MEMORY, "the compact rows would outweigh the input they replace"

@@ -210,11 +210,18 @@ def _value_key(x: object) -> object:
     and its receiver's key. Two adapters beside q and v then share one draw of their one input;
     each would otherwise draw its own, and the traced graph would merge their row norms."""
     if (isinstance(x, fx.Node) and x.op == "call_method" and x.target in _VALUE_COPIES and x.args
-            and isinstance(x.args[0], fx.Node)
+            and isinstance(x.args[0], fx.Node) and not _mutated(x.args[0])
             and not any(isinstance(a, fx.Node) for a in (*x.args[1:], *x.kwargs.values()))):
         return (x.target, _value_key(x.args[0]), tuple(map(repr, x.args[1:])),
                 tuple(sorted((k, repr(v)) for k, v in x.kwargs.items())))
     return x
+
+
+def _mutated(node: fx.Node) -> bool:
+    """Whether an in-place op writes ``node`` (two casts of it may then differ)."""
+    return any((user.op == "call_method" and str(user.target).endswith("_")) or (
+        user.op == "call_function" and getattr(user.target, "__name__", "").endswith("_")
+        and user.args and user.args[0] is node) for user in node.users)
 
 
 def _row_inputs(graph: fx.Graph) -> dict[str, fx.Node]:

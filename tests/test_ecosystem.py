@@ -70,7 +70,8 @@ def test_lora_adapters_beside_q_and_v_share_one_draw_in_bf16():
         meta_model, _ = build("llama")
     planned = wtacompile.plan(_lora(meta_model.to(torch.bfloat16), targets=("q_proj", "v_proj")),
                               24, batch_size=2, seq_len=16)
-    assert any(".lora_A." in layer.weight for layer in planned.layers)
+    rows = {layer.weight: layer for layer in planned.layers if ".layers.0." in layer.weight and ".lora_A." in layer.weight}
+    assert len(rows) == 2 and len({layer.keep_ratio for layer in rows.values()}) == 1  # one input, one ratio
 
 
 def test_trainer_with_model_compiled_in_place(tmp_path):

@@ -38,3 +38,65 @@ def test_inductor_inner_compiler_samples_and_saves_less():
     # in place (a graph input mutated in backward), once for the one backward.
     states = wtacompile.sampler_state_dict(model)
     assert set(states) == sampled and all(s[-1].item() == 1 for s in states.values())
+
+
+class _ReluMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wi = torch.nn.Linear(64, 256, bias=False)
+        self.wo = torch.nn.Linear(256, 64, bias=False)
+
+    def forward(self, x):
+        return self.wo(torch.relu(self.wi(x))).square().mean()
+
+
+def test_relu_mask_saved_as_bf16_on_cpu_same_gradients_predicted_bytes(monkeypatch):
+    """Sampling ``wo`` frees the ReLU's output, so the partitioner saves the ReLU's boolean
+    mask instead; on CPU it is saved as bf16 (Inductor writes bool buffers slowly). Gradients
+    are bit-identical to the boolean mask's, and the planner predicts the bytes measured."""
+    import wtacompile.lower as lower
+
+    torch.manual_seed(0)
+    model = _ReluMLP()
+    x = torch.randn(512, 64).abs().requires_grad_()  # rows of very different norms: a real draw
+    options = {"keep_ratio": 0.3, "include": ["wo.*"], "row_scores": "norm"}
+    runs = {}
+    for widen in (True, False):
+        if not widen:
+            monkeypatch.setattr(lower, "_MIN_MASK_NUMEL", 1 << 40)
+        torch._dynamo.reset()
+        copy_ = copy.deepcopy(model)
+        compiled = torch.compile(copy_, backend="wtacrs", options=options)
+        dtypes = []
+
+        def pack(t):
+            dtypes.append((tuple(t.shape), t.dtype))
+            return t
+
+        torch.manual_seed(1)
+        xi = x.detach().clone().requires_grad_()
+        with SavedTensorMeter(copy_.parameters()) as meter:
+            loss = compiled(xi)
+        loss.backward()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            compiled(xi.detach().requires_grad_())
+        runs[widen] = meter.activation_bytes, dtypes, [p.grad for p in copy_.parameters()] + [xi.grad]
+    (wide_bytes, wide_dtypes, wide_grads), (bool_bytes, bool_dtypes, bool_grads) = runs[True], runs[False]
+    assert ((512, 256), torch.bfloat16) in wide_dtypes and ((512, 256), torch.bool) in bool_dtypes
+    assert wide_bytes == bool_bytes + 512 * 256  # one more byte per mask element
+    for a, b in zip(wide_grads, bool_grads):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+    # What the analysis predicts for the same compile: the mask sized as saved, two bytes.
+    from wtacompile.config import WTAConfig
+    from wtacompile.memory_model import MemoryModel, parameter_bytes
+    from wtacompile.passes import choose_ratios
+    from wtacompile.planning.capture import capture_analyses
+
+    (state,) = [choose_ratios(None, s) for s in capture_analyses(model, (x,), WTAConfig(**options), None)]
+    (group,) = [g for g in state.analysis.groups if g.weights == ("wo.weight",)]
+    assert state.decisions["wo.weight"].sampled and group.verdict == "frees"
+    predicted = MemoryModel(*parameter_bytes(model.parameters(), "adamw"), graphs=(state.analysis.memory,),
+                            inputs=state.analysis.sampleable_inputs(state.sites, prefix="0:"),
+                            trace_batch=1, min_rows=WTAConfig().min_rows)
+    assert predicted.planned_activations(None, {f"0:{group.root}": 0.3}) == wide_bytes

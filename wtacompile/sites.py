@@ -85,6 +85,14 @@ class InputGroup:
     verdict: str  # FREES, FREES_NOTHING or ADDS_MEMORY, before weighing the compact copies
     reason: str
     input_saved: bool = False  # the sampled partition still saves the whole input
+    # What the sampled partition saves in the input's place, from it (a ReLU's mask, for the
+    # ReLU's backward, once its output is no longer saved): sampling frees the input less this.
+    kept_instead: Size | None = None
+
+    @property
+    def freed_input_bytes(self) -> Size:
+        """The input's bytes less what is kept in its place."""
+        return self.input_bytes if self.kept_instead is None else self.input_bytes - self.kept_instead
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,7 @@ class SavingsAnalysis:
         """The memory model's view of the groups sampling frees, keyed ``prefix + root``."""
         by_weight = {site.weight: site for site in sites}
         return tuple(
-            SampleableInput(prefix + group.root, group.input_bytes, tuple(
+            SampleableInput(prefix + group.root, group.freed_input_bytes, tuple(
                 Reader(w, by_weight[w].rows, by_weight[w].in_features, by_weight[w].out_features,
                        by_weight[w].itemsize) for w in group.weights))
             for group in self.groups if group.verdict == FREES

@@ -22,6 +22,7 @@ from wtacompile._compat import (
     size_hint,
     storage_root,
 )
+from wtacompile.lower import SAVED_DTYPE
 from wtacompile.memory_model import Allocation, GraphMemory, Size
 from .partition_trace import PartitionTrace
 
@@ -48,7 +49,8 @@ class Sizer:
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor):
             return Size(0, 0 if self.symbolic else None)
-        itemsize = value.element_size()
+        # Saved in another dtype than computed (a boolean mask kept as bf16 on CPU).
+        itemsize = node.meta.get(SAVED_DTYPE, value.dtype).itemsize
         numel = value.numel()
         traced = size_hint(numel) * itemsize
         if self._batch is None:

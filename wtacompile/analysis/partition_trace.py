@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from wtacompile._compat import aot_trace, specialize_scalar_inputs, storage_root
 from wtacompile.config import WTAConfig
-from wtacompile.lower import partitioner_budget, pinned_min_cut_partition
+from wtacompile.lower import WIDENED_FROM, partitioner_budget, pinned_min_cut_partition, widens_masks
 
 __all__ = ["PartitionTrace", "copy_module", "trace_partition"]
 
@@ -37,7 +37,7 @@ class PartitionTrace:
         """Joint-graph names of the storages the forward saves for backward."""
         out = self.forward.graph.find_nodes(op="output")[0]
         saved = out.args[0][self.num_fwd_outputs:]
-        return {storage_root(n).name for n in saved
+        return {n.meta.get(WIDENED_FROM) or storage_root(n).name for n in saved
                 if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)}
 
     @functools.cached_property
@@ -55,8 +55,10 @@ def trace_partition(gm: fx.GraphModule, config: WTAConfig, *, static: bool = Fal
     ``static=True``: at the traced sizes even if ``gm`` is symbolic (see :func:`aot_trace`)."""
     captured: list[PartitionTrace] = []
 
+    widen_masks = widens_masks(config)
+
     def recording_partition(joint, joint_inputs, **kwargs):
-        forward, backward = pinned_min_cut_partition(joint, joint_inputs, **kwargs)
+        forward, backward = pinned_min_cut_partition(joint, joint_inputs, widen_masks=widen_masks, **kwargs)
         captured.append(PartitionTrace(joint, forward, backward, kwargs["num_fwd_outputs"]))
         return forward, backward
 

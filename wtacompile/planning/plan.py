@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from wtacompile.config import WTAConfig, check_activation_memory_budget, check_mem_gb
 from wtacompile.estimator import DEFAULT_MIN_ROWS, num_kept_rows
+from wtacompile.lower import target_device
 from wtacompile.memory_model import MemoryModel, format_bytes, parameter_bytes
 from wtacompile.passes import CompileState
 from wtacompile.sites import FREES, sampled_linear
@@ -92,7 +93,8 @@ def plan(
     budgets = _check_budgets(activation_budgets) if inner != "eager" else (1.0,)  # eager: no partitioner
     config = WTAConfig(keep_ratio=0.3, min_rows=min_rows, include=include, exclude=exclude,
                        inner=inner, optimizer=optimizer)
-    balance = balance_for(device_type or _device_of(model))
+    planned_device = device_type or _device_of(model)
+    balance = balance_for(planned_device)
     budget = int(mem_gb * 1e9)
     if example_inputs is not None:
         trace_batch = _batch_of(example_inputs)
@@ -112,8 +114,9 @@ def plan(
                                      f"(activation_memory_budget {partitioner:g})")
             # Below budget 1 the knapsack does not treat the copies of a block alike (of six
             # identical inputs it may keep four), so a few traced blocks do not compose.
-            states = _capture(model, inputs, dataclasses.replace(config, activation_memory_budget=partitioner),
-                              trace_batch if search else None, compose_blocks and partitioner >= 1.0)
+            with target_device(planned_device):  # a meta model traces on CPU fakes, planned for a GPU
+                states = _capture(model, inputs, dataclasses.replace(config, activation_memory_budget=partitioner),
+                                  trace_batch if search else None, compose_blocks and partitioner >= 1.0)
             dense = dense or states
             progress.update()
             progress.set_postfix_str("searching the largest batch" if search else "solving")
