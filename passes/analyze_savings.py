@@ -51,7 +51,7 @@ from wtacompile._compat import dynamo_origin, joint_parameter_inputs, storage_ro
 from wtacompile.analysis.graph_cost import graph_cost
 from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys, saved_bytes
 from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, trace_partition
-from wtacompile.lower import SAVED_DTYPE, effective_partitioner_budget, expose_samples
+from wtacompile.lower import SAVED_DTYPE, effective_partitioner_budget, expose_samples, sampled_storage
 from wtacompile.memory_model import Size
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, InputGroup, SavingsAnalysis
 from .compile_state import CompileState
@@ -147,12 +147,15 @@ def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: R
     dense_by_key = {key: dense.joint_nodes[name] for name, key in dense_keys.items()}
     keys = provenance_keys(sampled.joint, rewritten.renamed)
     saved = [sampled.joint_nodes[name] for name in sampled.saved_roots if name in sampled.joint_nodes]
+    # Saved only when sampling, and not by a sampled linear itself: candidates for kept-instead.
+    saved_only_sampled = [n for n in saved if keys.get(n.name) not in dense_saved
+                          and dynamo_origin(n) not in rewritten.renamed]
     groups, compact = [], []
     for node in sampled.joint.graph.find_nodes(op="call_function", target=torch.ops.wtacompile.sample_rows.default):
         origin = dynamo_origin(node)
         if origin not in samples:
             continue
-        root = _sampled_input(node, origin)
+        root = sampled_storage(node)
         twin = dense_by_key.get(keys.get(root.name))
         if twin is None:
             raise RuntimeError(f"wtacrs analysis: sampled input {root.name} has no twin in the dense trace")
@@ -169,8 +172,7 @@ def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: R
         input_saved = root.name in sampled.saved_roots and inner_partitions
         # Under recompute the sampled partition's own bytes are the memory: nothing to add.
         kept = None if under_recompute or verdict != FREES else _kept_instead(
-            root, [n for n in saved if keys.get(n.name) not in dense_saved
-                   and dynamo_origin(n) not in rewritten.renamed], origin, sizer(twin))
+            root, saved_only_sampled, origin, sizer(twin))
         groups.append(InputGroup(root.name, tuple(s.weight for s in samples[origin]), sizer(twin),
                                  verdict, reason, input_saved, kept))
     return tuple(groups), compact
@@ -195,15 +197,6 @@ def _kept_instead(root: fx.Node, saved: list[fx.Node], origin: str, root_size: S
                     None if root_size.per_batch is None else root_size.per_batch * share // whole)
         kept = size if kept is None else kept + size
     return kept
-
-
-def _sampled_input(node: fx.Node, origin: str) -> fx.Node:
-    """The storage a ``sample_rows`` node samples: up its argument chain (the norms, reshape and
-    detach the sampling call itself traced) to the first tensor from elsewhere."""
-    x = node.args[0]
-    while dynamo_origin(x) == origin and x.op == "call_function" and isinstance(x.args[0], fx.Node):
-        x = x.args[0]
-    return storage_root(x)
 
 
 def _needed_anyway(trace: PartitionTrace, root: str, compact_saved: bool) -> tuple[str, str] | None:

@@ -51,6 +51,7 @@ __all__ = [
     "partitioner_budget",
     "pin_sampled_choices",
     "pinned_min_cut_partition",
+    "sampled_storage",
     "target_device",
     "widen_cpu_saved_masks",
     "widens_masks",
@@ -139,9 +140,9 @@ WIDENED_FROM = "wtacompile_widened_from"
 
 
 def widen_cpu_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule, num_fwd_outputs: int,
-                          joint: fx.Graph) -> list[str]:
+                          joint: fx.Graph) -> list[fx.Node]:
     """Save each large boolean mask computed from a sampled input, which forward hands backward on
-    CPU, as bf16 instead; returns the joint-graph names of those widened.
+    CPU, as bf16 instead; returns the joint-graph nodes of those widened.
 
     Why: where sampling frees a ReLU's output (T5's ``wo`` input), the partitioner saves the
     1-byte mask ``out <= 0`` for the ReLU's backward instead of the 4-byte output. Inductor's
@@ -157,7 +158,8 @@ def widen_cpu_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule, num
     is the caller's choice: Inductor on CPU (:class:`WtacrsPartitioner`, and the analysis of an
     Inductor compile on CPU), not ``aot_eager``, not a GPU.
     """
-    sampled_roots = _sampled_roots(joint)
+    sampled_roots = {sampled_storage(n) for n in joint.find_nodes(
+        op="call_function", target=torch.ops.wtacompile.sample_rows.default)}
     joint_nodes = {n.name: n for n in joint.nodes}
     output = forward.graph.output_node()
     values = list(output.args[0])
@@ -189,7 +191,7 @@ def widen_cpu_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule, num
         mask.meta["val"] = value
         reader.replace_all_uses_with(mask, delete_user_cb=lambda user: user is not mask)
         reader.meta["val"] = wide_value
-        widened.append(saved.name)
+        widened.append(twin)
     if widened:
         output.args = (tuple(values),)
         for module in (forward, backward):
@@ -198,16 +200,13 @@ def widen_cpu_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule, num
     return widened
 
 
-def _sampled_roots(joint: fx.Graph) -> set[fx.Node]:
-    """The storages the ``sample_rows`` nodes sample: up each one's argument chain (the norms and
-    views the sampling call traced) to the first tensor from elsewhere."""
-    roots = set()
-    for node in joint.find_nodes(op="call_function", target=torch.ops.wtacompile.sample_rows.default):
-        origin, x = dynamo_origin(node), node.args[0]
-        while dynamo_origin(x) == origin and x.op == "call_function" and isinstance(x.args[0], fx.Node):
-            x = x.args[0]
-        roots.add(storage_root(x))
-    return roots
+def sampled_storage(node: fx.Node) -> fx.Node:
+    """The storage a ``sample_rows`` node samples: up its argument chain (the norms, reshape and
+    detach the sampling call itself traced) to the first tensor from elsewhere."""
+    origin, x = dynamo_origin(node), node.args[0]
+    while dynamo_origin(x) == origin and x.op == "call_function" and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
+    return storage_root(x)
 
 
 class PinSampledChoices(CustomGraphPass):
@@ -292,11 +291,9 @@ def pinned_min_cut_partition(joint_module: fx.GraphModule, joint_inputs, *, wide
     with faster_min_cut():
         forward, backward = min_cut_rematerialization_partition(joint_module, joint_inputs,
                                                                 compiler="inductor", **kwargs)
-    if sampled and widen_masks:
-        joint = joint_module.graph  # the partitioner's (CSE'd) joint graph
-        joint_nodes = {n.name: n for n in joint.nodes}
-        for name in widen_cpu_saved_masks(forward, backward, kwargs["num_fwd_outputs"], joint):
-            joint_nodes[name].meta[SAVED_DTYPE] = torch.bfloat16
+    if sampled and widen_masks:  # on the partitioner's (CSE'd) joint graph
+        for twin in widen_cpu_saved_masks(forward, backward, kwargs["num_fwd_outputs"], joint_module.graph):
+            twin.meta[SAVED_DTYPE] = torch.bfloat16
     return forward, backward
 
 
