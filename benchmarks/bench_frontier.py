@@ -1,7 +1,7 @@
 """The memory–time frontier: Inductor's activation_memory_budget against wtacrs, side by side.
 
     python benchmarks/bench_frontier.py --families llama bert --budgets 1 0.5 --ratios 0.3 0.1 \
-        --steps 8 --png frontier.png
+        --steps 8 --png frontier.png [--unmatched 0.3]
 
 For each family and each partitioner budget B, Inductor alone and wtacrs at each keep ratio (its
 inner compiler Inductor, under the same B) train the same model from the same weights with AdamW.
@@ -9,7 +9,8 @@ The arms' steps are interleaved round-robin in one process, so machine noise hit
 each arm's step time is the median over its timed steps. Saved bytes are counted by
 SavedTensorMeter (distinct non-parameter storages autograd saves), independently of the
 backend's own report; GPU peak memory is added where a GPU is present. Every ratio is to
-Inductor at budget 1 on the same model, all from this one run.
+Inductor at budget 1 on the same model, all from this one run; ``saved/B`` and ``time/B`` are to
+Inductor alone at the arm's own budget B.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class Arm:
         return meter.activation_bytes, peak
 
 
-def run_family(family, budgets, ratios, steps, warmup, device, log, row_scores=("gradient",)):
+def run_family(family, budgets, ratios, steps, warmup, device, log, row_scores=("gradient",), unmatched=()):
     base, batch = build(family)
     base.to(device)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -121,6 +122,9 @@ def run_family(family, budgets, ratios, steps, warmup, device, log, row_scores=(
                 tag = "" if len(row_scores) == 1 else f" {scores}"
                 arms.append(Arm(f"wtacrs {ratio:g}{tag} @{budget:g}", base, batch, budget, ratio, device,
                                 options={"keep_ratio": ratio, "row_scores": scores}))
+        for ratio in unmatched if budget < 1 else ():
+            arms.append(Arm(f"wtacrs {ratio:g} at B @{budget:g}", base, batch, budget, ratio, device,
+                            options={"keep_ratio": ratio, "match_budget_bytes": False}))
     for arm in arms:
         start = time.perf_counter()
         for _ in range(warmup):
@@ -143,25 +147,30 @@ def main() -> None:
     parser.add_argument("--png", default=None, help="write the frontier picture here (needs matplotlib)")
     parser.add_argument("--row-scores", nargs="+", choices=("gradient", "norm"), default=["gradient"],
                         help="wtacrs arms per scoring: learned ‖dY‖ prediction (default) and/or ‖X‖ alone")
+    parser.add_argument("--unmatched", nargs="*", type=float, default=[],
+                        help="keep ratios also run with match_budget_bytes=False (the sampled graph "
+                             "at the budget itself, not raised to the budget's bytes): before/after")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; ratios to Inductor at budget 1; {args.steps} interleaved steps per arm")
     header = (f"{'family':<7} {'arm':<26} {'saved MiB':>10} {'x saved':>8} {'step ms':>9} {'x time':>7}"
+              f" {'saved/B':>8} {'time/B':>7}"
               + (f" {'peak MiB':>9} {'x peak':>7}" if device == "cuda" else ""))
     results = {}
     for family in args.families:
         rows = run_family(family, args.budgets, args.ratios, args.steps, args.warmup, device,
-                          lambda s: print(s, flush=True), tuple(args.row_scores))
+                          lambda s: print(s, flush=True), tuple(args.row_scores), tuple(args.unmatched))
         results[family] = rows
         ref = next(r for r in rows if r[0].keep_ratio is None and r[0].budget == 1.0) \
             if 1.0 in args.budgets else rows[0]
         print(header)
         print("-" * len(header))
         for arm, median, saved, peak in rows:
+            alone = next(r for r in rows if r[0].keep_ratio is None and r[0].budget == arm.budget)
             line = (f"{family:<7} {arm.name:<26} {saved / 2**20:>10.1f} {saved / ref[2]:>8.3f} "
-                    f"{median * 1e3:>9.0f} {median / ref[1]:>7.3f}")
+                    f"{median * 1e3:>9.0f} {median / ref[1]:>7.3f} {saved / alone[2]:>8.3f} {median / alone[1]:>7.3f}")
             if peak is not None:
                 line += f" {peak / 2**20:>9.0f} {peak / ref[3]:>7.3f}"
             print(line, flush=True)

@@ -185,3 +185,69 @@ def test_a_global_partitioner_budget_is_respected_not_searched():
     assert partitioner_menu(WTAConfig(mem_gb=1.0, activation_memory_budget=0.7)) == (0.7,)
     with torch._functorch.config.patch(activation_memory_budget=0.9):
         assert partitioner_menu(searching) == (None,)  # the user chose one: not overridden
+
+
+# --- a budget the user sets: met in bytes, with less recompute ---------------------------------
+
+
+def test_raised_budgets_are_tried_only_for_a_budget_the_user_set():
+    from wtacompile.passes.analyze_savings import raised_budgets
+
+    assert raised_budgets(WTAConfig(activation_memory_budget=0.7)) == (1.0, 0.9, 0.8)
+    assert raised_budgets(WTAConfig(activation_memory_budget=0.95)) == (1.0,)
+    with torch._functorch.config.patch(activation_memory_budget=0.5):  # torch's global counts too
+        assert raised_budgets(WTAConfig()) == (1.0, 0.9, 0.8, 0.7, 0.6)
+    assert raised_budgets(WTAConfig(activation_memory_budget=0.7, match_budget_bytes=False)) == ()
+    assert raised_budgets(WTAConfig(activation_memory_budget=0.7, mem_gb=1.0)) == ()  # fits its own bytes
+    assert WTAConfig.from_options({"plan": Plan(
+        mem_gb=1.0, fits=True, batch_size=2, seq_len=16, peak_bytes=10, baseline_peak_bytes=20,
+        activation_bytes=5, baseline_activation_bytes=9, max_batch_size=4, baseline_max_batch_size=2,
+        keep_ratios={"w": 0.3}, breakdown={}, activation_memory_budget=0.5)}).match_budget_bytes is False
+    with pytest.raises(ValueError, match="match_budget_bytes must be True or False"):
+        WTAConfig.from_options({"match_budget_bytes": "yes"})
+
+
+class _Block(torch.nn.Module):
+    """A pre-norm GELU MLP block with its residual."""
+
+    def __init__(self, d: int = 64, h: int = 256):
+        super().__init__()
+        self.norm, self.up, self.down = torch.nn.LayerNorm(d), torch.nn.Linear(d, h), torch.nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+def _saved_by(model, x, options) -> int:
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="wtacrs", options=options)
+    with wtacompile.SavedTensorMeter(model.parameters()) as meter:
+        y = compiled(x)
+    y.sum().backward()
+    return meter.activation_bytes
+
+
+def test_a_budget_the_user_sets_is_met_in_bytes_with_less_recompute():
+    """A partitioner budget is a fraction of each graph's own range of saved bytes, and sampling
+    shrinks the range: at the user's budget B the sampled partition recomputes down to fewer bytes
+    than B's dense partition. So it is compiled at the largest budget above B that still saves no
+    more than that (three MLP blocks at 0.5: 0.7), measured, and the same as asking for 0.7
+    outright — the analysis partitioned a copy of the joint graph, the compile the graph itself."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_Block() for _ in range(3)])
+    x = torch.randn(512, 64, requires_grad=True)
+    saved, reports = {}, {}
+    with torch._functorch.config.patch(activation_memory_budget=0.5):
+        for name, options in (("dense", dict(AOT, keep_ratio=1.0)),
+                              ("at 0.5", dict(AOT, match_budget_bytes=False)),
+                              ("matched", AOT)):
+            wtacompile.clear_reports()
+            saved[name] = _saved_by(copy.deepcopy(model), x, options)
+            reports[name] = [r for r in wtacompile.compile_reports() if r.training]
+    (matched,), (at_budget,) = reports["matched"], reports["at 0.5"]
+    assert matched.activation_memory_budget == 0.7 and matched.raised_from == 0.5, str(matched)
+    assert "raised from 0.5" in str(matched) and len(matched.sampled_sites) == 6
+    assert at_budget.raised_from is None and len(at_budget.sampled_sites) == 6
+    assert saved["at 0.5"] < saved["matched"] <= saved["dense"]
+    outright = _saved_by(copy.deepcopy(model), x, dict(AOT, activation_memory_budget=0.7, match_budget_bytes=False))
+    assert outright == saved["matched"]

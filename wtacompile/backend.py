@@ -12,7 +12,9 @@ ratios: the analysis and the choice run at each budget of
 :data:`wtacompile.solver.DEFAULT_BUDGET_MENU`, largest first, until the predicted peak fits — the
 least recompute that fits (recompute is what costs time; sampling saves some), and at it the
 least-variance ratios. A budget dense training fits stays exact, at partitioner budget 1. A
-global ``activation_memory_budget`` the user set is used as it is, not searched.
+partitioner budget the user set (the option, or torch's global ``activation_memory_budget``) is
+not searched; a sampled graph is compiled at it, or at a larger one where that saves no more than
+the dense partition at it (``match_budget_bytes``, :mod:`wtacompile.passes.analyze_savings`).
 
 Inference graphs (grad disabled, or nothing in the graph requires grad) skip the passes entirely
 and go straight to the inner compiler (:mod:`wtacompile.lower`): zero overhead. Every decision is
@@ -81,7 +83,8 @@ def wtacrs_backend(
         state = rewrite_sampled(gm, state)
         _warn_checkpointed(state.sites)
         report = GraphReport.build(graph_id, config.fingerprint(), True, state.sites, state.decisions,
-                                   state.config.activation_memory_budget, step_time)
+                                   state.config.activation_memory_budget, step_time,
+                                   state.analysis.raised_from)
         log.info("%s", report)
         config = state.config  # with the partitioner budget chosen
     else:

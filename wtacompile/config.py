@@ -63,6 +63,12 @@ class WTAConfig:
             min-cut partitioner saves by default, lower recomputes more) this model's graphs are
             compiled under. ``None`` (default): torch's global setting, except under ``mem_gb``,
             which picks it with the keep ratios (:data:`wtacompile.solver.DEFAULT_BUDGET_MENU`).
+        match_budget_bytes: under a partitioner budget ``B < 1`` you set (``activation_memory_budget``
+            here or torch's global), compile a sampled graph at the largest budget of
+            ``1, 0.9, …`` above ``B`` whose partition saves no more bytes than the *dense*
+            partition at ``B``: the memory you asked for, with less recompute (the sampled graph
+            needs less of it to get there). ``False``: at ``B`` itself, which saves fewer bytes
+            and recomputes more. Off under ``mem_gb`` and a plan, which fit their own bytes.
         row_scores: how rows are scored for sampling: ``"gradient"`` (default) — ``‖X_i‖`` times
             a prediction of ``‖dY_i‖`` learned online per weight (by position, padding and ignored
             labels; :mod:`wtacompile.grad_predictor`), still unbiased; ``"norm"`` — ``‖X_i‖`` alone.
@@ -84,6 +90,7 @@ class WTAConfig:
     optimizer: str = "adamw"
     activation_memory_budget: float | None = None
     row_scores: str = "gradient"
+    match_budget_bytes: bool = True
 
     def __post_init__(self) -> None:
         validate_sampling_args(self.keep_ratio, self.method, self.min_rows)
@@ -97,8 +104,9 @@ class WTAConfig:
         object.__setattr__(self, "keep_ratios", _ratio_table(self.keep_ratios, self.method, self.min_rows))
         if self.mem_gb is not None:
             check_mem_gb(self.mem_gb)
-        if not isinstance(self.report, bool):
-            raise ValueError(f"report must be True or False, got {self.report!r}")
+        for name in ("report", "match_budget_bytes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.activation_memory_budget is not None:
             check_activation_memory_budget(self.activation_memory_budget)
             object.__setattr__(self, "activation_memory_budget", float(self.activation_memory_budget))
@@ -125,7 +133,7 @@ class WTAConfig:
             )
         kwargs = dict(options)
         if "plan" in kwargs:
-            for clash in ("keep_ratio", "keep_ratios", "mem_gb", "activation_memory_budget"):
+            for clash in ("keep_ratio", "keep_ratios", "mem_gb", "activation_memory_budget", "match_budget_bytes"):
                 if clash in kwargs:
                     raise ValueError(f"options 'plan' and {clash!r} conflict: the plan sets the ratios "
                                      "and the partitioner budget")
@@ -133,6 +141,7 @@ class WTAConfig:
             kwargs["keep_ratios"] = dict(plan.keep_ratios)
             kwargs["keep_ratio"] = 1.0  # what the plan does not sample stays exact
             kwargs["activation_memory_budget"] = plan.activation_memory_budget  # 1 too: not torch's global
+            kwargs["match_budget_bytes"] = False  # the plan's bytes are the sampled partition's at its budget
         return cls(**kwargs)
 
     def ratio_for(self, weight_name: str) -> float | None:

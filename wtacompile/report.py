@@ -57,15 +57,18 @@ class GraphReport:
     # (wtacompile.time_model; 1 under a mem_gb search, else the one it was compiled under).
     activation_memory_budget: float | None = None
     predicted_step_time: float | None = None
+    # The user's budget where the sampled graph was compiled at a larger one that saves no more
+    # than the dense partition at it (WTAConfig.match_budget_bytes).
+    raised_from: float | None = None
 
     @classmethod
     def build(cls, graph_id: int, config_fingerprint: str, training: bool,
               sites: Sequence[LinearSite] = (), decisions: Mapping[str, SiteDecision] = {},
               activation_memory_budget: float | None = None,
-              predicted_step_time: float | None = None) -> GraphReport:
+              predicted_step_time: float | None = None, raised_from: float | None = None) -> GraphReport:
         rows = tuple(SiteReport.of(site, decisions[site.weight]) for site in sites)
         return cls(graph_id, config_fingerprint, training, rows, activation_memory_budget,
-                   predicted_step_time)
+                   predicted_step_time, raised_from)
 
     @property
     def sampled_sites(self) -> list[SiteReport]:
@@ -95,6 +98,8 @@ class GraphReport:
         extra = ""
         if self.activation_memory_budget is not None:
             extra += f", activation_memory_budget {self.activation_memory_budget:g}"
+            if self.raised_from is not None:
+                extra += f" (raised from {self.raised_from:g}: saves no more than its dense partition)"
         if self.predicted_step_time is not None:
             extra += f", predicted step time {self.predicted_step_time:.2f}x dense"
         return (

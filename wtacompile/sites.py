@@ -107,6 +107,9 @@ class SavingsAnalysis:
     # is the sampled partition's (with the ``frees`` inputs' rows counted as whole inputs, so the
     # memory model can still choose their ratios), and the other groups are sampled as traced.
     under_recompute: bool = False
+    # Where the sampled graph is compiled at a partitioner budget above the user's ``B``
+    # (``WTAConfig.match_budget_bytes``): ``B``, whose dense partition's bytes it stays within.
+    raised_from: float | None = None
 
     def traced_ratios(self, sites: Iterable[LinearSite]) -> dict[str, float]:
         """Weight → keep ratio of the groups sampled at the ratio the analysis traced them at

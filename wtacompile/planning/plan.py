@@ -91,7 +91,7 @@ def plan(
     """
     _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size)
     budgets = _check_budgets(activation_budgets) if inner != "eager" else (1.0,)  # eager: no partitioner
-    config = WTAConfig(keep_ratio=0.3, min_rows=min_rows, include=include, exclude=exclude,
+    config = WTAConfig(keep_ratio=0.3, min_rows=min_rows, include=include, exclude=exclude, match_budget_bytes=False,
                        inner=inner, optimizer=optimizer)
     planned_device = device_type or _device_of(model)
     balance = balance_for(planned_device)
