@@ -4,7 +4,10 @@
         --steps 8 --png frontier.png [--unmatched 0.3]
 
 For each family and each partitioner budget B, Inductor alone and wtacrs at each keep ratio (its
-inner compiler Inductor, under the same B) train the same model from the same weights with AdamW.
+inner compiler Inductor, under the same B as the user would set it: a sampled graph is compiled
+at a larger budget where that saves no more than Inductor at B, ``match_budget_bytes``;
+``--unmatched`` adds arms compiled at B itself) train the same model from the same weights with
+AdamW.
 The arms' steps are interleaved round-robin in one process, so machine noise hits all alike;
 each arm's step time is the median over its timed steps. Saved bytes are counted by
 SavedTensorMeter (distinct non-parameter storages autograd saves), independently of the

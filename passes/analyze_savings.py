@@ -33,9 +33,10 @@ A budget is a fraction of each graph's own range of saved bytes (from the graph'
 to the runtime-optimal set), and sampling shrinks that range: at the user's budget ``B`` the
 sampled partition recomputes down to well under what ``B``'s dense partition saves. So where the
 budget is the user's (``WTAConfig.match_budget_bytes``; not one ``mem_gb`` or a plan chose), the
-sampled joint graph is split at ``1, 0.9, …`` down to ``B`` (one trace, one partition per budget)
-and compiled at the first whose split saves at most :data:`RAISED_BYTES_HEADROOM` of the dense
-partition's bytes at ``B``: the memory asked for, with less recompute.
+sampled joint graph is split at budgets of ``1, 0.9, …`` above ``B`` (one trace; the budgets
+bisected, a partition each) and compiled at the largest whose split saves at most
+:data:`RAISED_BYTES_HEADROOM` of the dense partition's bytes at ``B``: the memory asked for, with
+less recompute.
 
 The two traces name their nodes differently, so tensors are matched by provenance: the dynamo
 node they came from plus numel, dtype and ordinal
@@ -58,7 +59,7 @@ import torch.fx as fx
 from wtacompile._compat import dynamo_origin, joint_parameter_inputs, storage_root
 from wtacompile.analysis.graph_cost import graph_cost
 from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys, saved_bytes
-from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, trace_first_fitting, trace_partition
+from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, trace_largest_fitting, trace_partition
 from wtacompile.lower import SAVED_DTYPE, effective_partitioner_budget, expose_samples, sampled_storage
 from wtacompile.config import WTAConfig
 from wtacompile.memory_model import Size
@@ -103,8 +104,9 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     expose_samples(trial)  # as the real compile will: the draw stays in forward
     # Under a budget the user set, the sampled graph may be compiled at a larger one: where its
     # partition still saves no more than the dense one at the user's budget, it recomputes less.
-    # The headroom: Inductor partitions the joint graph after its own joint passes, which these
-    # traces skip (measured: a Llama raised to the exact bytes saved 0.06% more than the budget).
+    # The headroom: the analysis sizes what the partition saves, not every detail of what Inductor
+    # then allocates (measured before the headroom: a Llama raised to the exact bytes saved
+    # 0.06% more than the budget alone).
     allowed = memory.activations.traced * RAISED_BYTES_HEADROOM
 
     def saves_no_more(split: PartitionTrace, _budget: float) -> bool:
@@ -114,7 +116,7 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     # Verdicts are structure, not sizes: trace at the traced sizes (half the cost of a symbolic
     # trace) and size each input from its twin in the dense trace. Not under a partitioner budget
     # below 1: its knapsack sizes every input, and a symbolic scalar traced as its hint has none.
-    sampled, raised_to = trace_first_fitting(trial, config, raised_budgets(config) if under_recompute else (),
+    sampled, raised_to = trace_largest_fitting(trial, config, raised_budgets(config) if under_recompute else (),
                                              saves_no_more, static=not under_recompute)
     raised_from = None
     if raised_to is not None:

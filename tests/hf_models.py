@@ -71,3 +71,15 @@ def build(family: str, seed: int = 0, layers: int = 2):
 
 
 FAMILIES = ("bert", "roberta", "gpt2", "t5", "llama", "qwen2", "opt", "vit")
+
+
+class PreNormMLP(torch.nn.Module):
+    """Not a Hugging Face model: a transformer's pre-norm GELU MLP block with its residual, the
+    smallest graph on which a partitioner budget's knapsack has real choices."""
+
+    def __init__(self, d: int = 64, h: int = 256):
+        super().__init__()
+        self.norm, self.up, self.down = torch.nn.LayerNorm(d), torch.nn.Linear(d, h), torch.nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))

@@ -5,7 +5,7 @@ import copy
 import torch
 
 import wtacompile
-from hf_models import build
+from hf_models import PreNormMLP, build
 from wtacompile import SavedTensorMeter
 
 
@@ -100,3 +100,33 @@ def test_relu_mask_saved_as_bf16_on_cpu_same_gradients_predicted_bytes(monkeypat
                             inputs=state.analysis.sampleable_inputs(state.sites, prefix="0:"),
                             trace_batch=1, min_rows=WTAConfig().min_rows)
     assert predicted.planned_activations(None, {f"0:{group.root}": 0.3}) == wide_bytes
+
+
+def test_a_raised_budget_under_inductor_saves_no_more_than_the_budget_alone():
+    """The analysis partitions copies of the joint graph after Inductor's joint passes, as
+    Inductor does; the budget it raises the sampled graph to is what Inductor compiles (the same
+    bytes as asking for that budget outright), within the dense partition's bytes at the
+    user's budget and above what the sampled graph saves at the user's budget itself."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[PreNormMLP() for _ in range(3)])
+    x = torch.randn(512, 64, requires_grad=True)
+
+    def saved_by(options):
+        torch._dynamo.reset()
+        trained = copy.deepcopy(model)
+        compiled = torch.compile(trained, backend="wtacrs", options=options)
+        with SavedTensorMeter(trained.parameters()) as meter:
+            y = compiled(x)
+        y.sum().backward()
+        return meter.activation_bytes
+
+    with torch._functorch.config.patch(activation_memory_budget=0.5):
+        dense = saved_by({"keep_ratio": 1.0})
+        at_budget = saved_by({"match_budget_bytes": False, "row_scores": "norm"})
+        wtacompile.clear_reports()
+        matched = saved_by({"row_scores": "norm"})
+    (report,) = [r for r in wtacompile.compile_reports() if r.training]
+    assert report.raised_from == 0.5 and report.activation_memory_budget > 0.5 and report.sampled_sites
+    assert at_budget < matched <= dense
+    assert saved_by({"activation_memory_budget": report.activation_memory_budget, "match_budget_bytes": False,
+                     "row_scores": "norm"}) == matched

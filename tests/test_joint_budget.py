@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import wtacompile
-from hf_models import build
+from hf_models import PreNormMLP, build
 from wtacompile import Plan, plan
 from wtacompile.analysis.graph_cost import graph_cost
 from wtacompile.analysis.partition_trace import trace_partition
@@ -207,17 +207,6 @@ def test_raised_budgets_are_tried_only_for_a_budget_the_user_set():
         WTAConfig.from_options({"match_budget_bytes": "yes"})
 
 
-class _Block(torch.nn.Module):
-    """A pre-norm GELU MLP block with its residual."""
-
-    def __init__(self, d: int = 64, h: int = 256):
-        super().__init__()
-        self.norm, self.up, self.down = torch.nn.LayerNorm(d), torch.nn.Linear(d, h), torch.nn.Linear(h, d)
-
-    def forward(self, x):
-        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
-
-
 def _saved_by(model, x, options) -> int:
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="wtacrs", options=options)
@@ -234,7 +223,7 @@ def test_a_budget_the_user_sets_is_met_in_bytes_with_less_recompute():
     more than that (three MLP blocks at 0.5: 0.7), measured, and the same as asking for 0.7
     outright — the analysis partitioned a copy of the joint graph, the compile the graph itself."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[_Block() for _ in range(3)])
+    model = torch.nn.Sequential(*[PreNormMLP() for _ in range(3)])
     x = torch.randn(512, 64, requires_grad=True)
     saved, reports = {}, {}
     with torch._functorch.config.patch(activation_memory_budget=0.5):

@@ -97,8 +97,10 @@ def wtacrs_backend(
 def partitioner_menu(config: WTAConfig) -> tuple[float | None, ...]:
     """The partitioner budgets to try, in order (``None``: torch's global setting).
 
-    A budget given in the options (or by a plan) is used as it is; so is torch's global
-    ``activation_memory_budget`` when the user has set it below 1. Only ``mem_gb`` searches.
+    A budget given in the options (or by a plan) is the one analysed; so is torch's global
+    ``activation_memory_budget`` when the user has set it below 1 (the analysis may then compile
+    a sampled graph at a larger one that saves no more: ``match_budget_bytes``). Only ``mem_gb``
+    searches this menu.
     """
     if config.activation_memory_budget is not None:
         return (config.activation_memory_budget,)

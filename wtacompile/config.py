@@ -61,8 +61,9 @@ class WTAConfig:
         activation_memory_budget: the partitioner budget (torch's
             ``torch._functorch.config.activation_memory_budget``, in ``[0, 1]``: 1 saves what the
             min-cut partitioner saves by default, lower recomputes more) this model's graphs are
-            compiled under. ``None`` (default): torch's global setting, except under ``mem_gb``,
-            which picks it with the keep ratios (:data:`wtacompile.solver.DEFAULT_BUDGET_MENU`).
+            compiled under (a sampled graph possibly at a larger one that saves no more bytes:
+            ``match_budget_bytes``). ``None`` (default): torch's global setting, except under
+            ``mem_gb``, which picks it with the keep ratios (:data:`wtacompile.solver.DEFAULT_BUDGET_MENU`).
         match_budget_bytes: under a partitioner budget ``B < 1`` you set (``activation_memory_budget``
             here or torch's global), compile a sampled graph at the largest budget of
             ``1, 0.9, …`` above ``B`` whose partition saves no more bytes than the *dense*

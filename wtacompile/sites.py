@@ -113,13 +113,14 @@ class SavingsAnalysis:
 
     def traced_ratios(self, sites: Iterable[LinearSite]) -> dict[str, float]:
         """Weight → keep ratio of the groups sampled at the ratio the analysis traced them at
-        (under recompute, every group the memory model does not choose for)."""
+        (under recompute, every group the memory model does not choose for; at a raised
+        budget, every group: that partition is the one checked against the user's bytes)."""
         if not self.under_recompute:
             return {}
         by_weight = {site.weight: site for site in sites}
         ratios = {}
         for group in self.groups:
-            if group.verdict != FREES:
+            if group.verdict != FREES or self.raised_from is not None:
                 ratio = max(by_weight[w].requested_ratio for w in group.weights)
                 ratios.update((w, ratio) for w in group.weights)
         return ratios

@@ -23,7 +23,7 @@ from wtacompile.config import WTAConfig
 from wtacompile.lower import (WIDENED_FROM, effective_partitioner_budget, partitioner_budget,
                               pinned_min_cut_partition, widens_masks)
 
-__all__ = ["PartitionTrace", "copy_module", "trace_first_fitting", "trace_partition"]
+__all__ = ["PartitionTrace", "copy_module", "trace_largest_fitting", "trace_partition"]
 
 
 @dataclass
@@ -56,19 +56,22 @@ class PartitionTrace:
 def trace_partition(gm: fx.GraphModule, config: WTAConfig, *, static: bool = False) -> PartitionTrace:
     """Trace ``gm`` (left unchanged) through AOTAutograd and return the partitioner's split;
     ``static=True``: at the traced sizes even if ``gm`` is symbolic (see :func:`aot_trace`)."""
-    return trace_first_fitting(gm, config, (), lambda _trace, _budget: True, static=static)[0]
+    return trace_largest_fitting(gm, config, (), lambda _trace, _budget: True, static=static)[0]
 
 
-def trace_first_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequence[float],
-                        fits: Callable[[PartitionTrace, float], bool], *, static: bool = False
-                        ) -> tuple[PartitionTrace, float | None]:
-    """One AOTAutograd trace of ``gm``, its joint graph split at each partitioner budget of
-    ``budgets`` in turn until ``fits(split, budget)``; without a fit (or with no ``budgets``),
-    the split at ``config``'s own budget. Returns the split and the budget it was made at
-    (``None``: ``config``'s).
+def trace_largest_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequence[float],
+                          fits: Callable[[PartitionTrace, float], bool], *, static: bool = False
+                          ) -> tuple[PartitionTrace, float | None]:
+    """One AOTAutograd trace of ``gm``, its joint graph split at the largest partitioner budget
+    of ``budgets`` for which ``fits(split, budget)``; without one (or with no ``budgets``), the
+    split at ``config``'s own budget. Returns the split and the budget it was made at (``None``:
+    ``config``'s).
 
-    Each budget partitions a copy of the joint graph (the partitioner rewrites the graph it is
-    given, CSE first); the joint graph is traced once, which is most of the cost.
+    What a split saves grows with the budget, so the budgets are bisected: ``log2(n) + 1``
+    partitions for ``n`` budgets, not up to ``n``. Where a knapsack is not monotone the search
+    may settle on a smaller budget that fits, never on one that does not: every answer is
+    checked. Each budget partitions a copy of the joint graph (the partitioner rewrites the
+    graph it is given, CSE first); the joint graph is traced once, which is most of the cost.
     """
     captured: list[tuple[PartitionTrace, float | None]] = []
     widen_masks = widens_masks(config)
@@ -79,19 +82,23 @@ def trace_first_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequence
     joint_passes = config.inner == "inductor" and effective_partitioner_budget(config) < 1.0
 
     def split(joint, joint_inputs, kwargs) -> PartitionTrace:
-        if joint_passes:
-            joint = _inductor_joint_passes(joint, joint_inputs)
         forward, backward = pinned_min_cut_partition(joint, joint_inputs, widen_masks=widen_masks, **kwargs)
         return PartitionTrace(joint, forward, backward, kwargs["num_fwd_outputs"])
 
     def recording_partition(joint, joint_inputs, **kwargs):
-        for budget in budgets:
-            with torch._functorch.config.patch(activation_memory_budget=budget):
+        if joint_passes:  # once: they do not depend on the budget
+            joint = _inductor_joint_passes(joint, joint_inputs)
+        ordered, best = sorted(budgets), None
+        low, high = 0, len(ordered)  # the largest fitting index lies in [low - 1, high - 1]
+        while low < high:
+            middle = (low + high) // 2
+            with torch._functorch.config.patch(activation_memory_budget=ordered[middle]):
                 trial = split(copy_module(joint), joint_inputs, kwargs)
-            if fits(trial, budget):
-                captured.append((trial, budget))
-                return trial.forward, trial.backward
-        captured.append((split(joint, joint_inputs, kwargs), None))
+            if fits(trial, ordered[middle]):
+                best, low = (trial, ordered[middle]), middle + 1
+            else:
+                high = middle
+        captured.append(best or (split(joint, joint_inputs, kwargs), None))
         return captured[-1][0].forward, captured[-1][0].backward
 
     decompositions = None
@@ -105,16 +112,16 @@ def trace_first_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequence
         aot_trace(traced, recording_partition, decompositions, static=static)
     if not captured:
         raise RuntimeError("wtacrs analysis: AOTAutograd produced no joint graph to partition")
-    return captured[0]
+    return captured[-1]  # the outer graph's: higher-order ops' bodies are partitioned first
 
 
 def _inductor_joint_passes(joint: fx.GraphModule, joint_inputs) -> fx.GraphModule:
     """The joint-graph passes Inductor runs before it partitions (its pattern rewrites change
     what the partitioner can save: a ReLU's mask, which it computes where)."""
-    from torch._inductor.compile_fx import _recursive_joint_graph_passes
+    from torch._inductor.compile_fx import _recursive_joint_graph_passes, get_inputs_devices
 
-    device = next((t.device for t in joint_inputs if isinstance(t, torch.Tensor)), None)
-    return _recursive_joint_graph_passes(joint, skip_invoke_subgraph=True, input_device=device)
+    devices = get_inputs_devices(joint_inputs, joint)  # as Inductor's partition_fn passes it
+    return _recursive_joint_graph_passes(joint, skip_invoke_subgraph=True, input_device=next(iter(devices), None))
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
