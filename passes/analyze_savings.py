@@ -246,12 +246,38 @@ def _kept_instead(root: fx.Node, saved: list[fx.Node], origin: str, root_size: S
 
 def _needed_anyway(trace: PartitionTrace, root: str, compact_saved: bool) -> tuple[str, str] | None:
     """The verdict where the sampled trace still saves or recomputes the whole input."""
+    if not compact_saved and root not in trace.saved_roots and root in trace.recomputed and _only_gathered(trace, root):
+        # Memory-neutral like any recompute; Inductor fuses the gather into the recomputed
+        # row-local chain, so that part runs on the kept rows only.
+        return FREES_NOTHING, "recomputed in backward only to gather the kept rows"
     if root in trace.saved_roots or root in trace.recomputed:
         where = "stays saved" if root in trace.saved_roots else "is recomputed"
         if compact_saved:
             return ADDS_MEMORY, f"full input {where} for another op's backward; the rows would add"
         return FREES_NOTHING, f"full input {where} for another op's backward"
     return None
+
+
+_ROW_GATHERS = (torch.ops.aten.index_select.default, torch.ops.aten.index.Tensor)
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default)
+
+
+def _only_gathered(trace: PartitionTrace, root: str) -> bool:
+    """Whether the backward reads the recomputed ``root`` only through row gathers (views of it
+    included)."""
+    node = next((n for n in trace.backward.graph.nodes if n.name == root), None)
+    if node is None:
+        return False
+    pending, gathers = list(node.users), 0
+    while pending:
+        user = pending.pop()
+        if user.target in _VIEWS:
+            pending.extend(user.users)
+        elif user.target in _ROW_GATHERS:
+            gathers += 1
+        else:
+            return False
+    return gathers > 0
 
 
 def _verdict(trace: PartitionTrace, root: str, dense_saves_it: bool, compact_saved: bool

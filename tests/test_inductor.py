@@ -127,6 +127,8 @@ def test_a_raised_budget_under_inductor_saves_no_more_than_the_budget_alone():
         matched = saved_by({"row_scores": "norm"})
     (report,) = [r for r in wtacompile.compile_reports() if r.training]
     assert report.raised_from == 0.5 and report.activation_memory_budget > 0.5 and report.sampled_sites
+    # A LayerNorm output the backward recomputes only for its kept rows is reported as such.
+    assert any("only to gather the kept rows" in s.reason for s in report.sampled_sites), report.table()
     assert at_budget < matched <= dense
     assert saved_by({"activation_memory_budget": report.activation_memory_budget, "match_budget_bytes": False,
                      "row_scores": "norm"}) == matched
