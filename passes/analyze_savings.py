@@ -56,12 +56,12 @@ import logging
 import torch
 import torch.fx as fx
 
-from wtacompile._compat import dynamo_origin, joint_parameter_inputs, storage_root
+from wtacompile._compat import dynamo_origin, is_storage_view, joint_parameter_inputs, storage_root
 from wtacompile.analysis.graph_cost import graph_cost
 from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys, saved_bytes
 from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, trace_largest_fitting, trace_partition
-from wtacompile.lower import SAVED_DTYPE, effective_partitioner_budget, expose_samples, sampled_storage
 from wtacompile.config import WTAConfig
+from wtacompile.lower import SAVED_DTYPE, effective_partitioner_budget, expose_samples, sampled_storage
 from wtacompile.memory_model import Size
 from wtacompile.sites import ADDS_MEMORY, FREES, FREES_NOTHING, InputGroup, SavingsAnalysis
 from .compile_state import CompileState
@@ -109,7 +109,7 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     # 0.06% more than the budget alone).
     allowed = memory.activations.traced * RAISED_BYTES_HEADROOM
 
-    def saves_no_more(split: PartitionTrace, _budget: float) -> bool:
+    def saves_no_more(split: PartitionTrace) -> bool:
         split_parameters = joint_parameter_inputs(trial, split.joint)
         return saved_bytes(split, split_parameters, Sizer(split.joint, split_parameters)).traced <= allowed
 
@@ -156,8 +156,8 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
 
 
 def raised_budgets(config: WTAConfig) -> tuple[float, ...]:
-    """The partitioner budgets above ``config``'s (``B``) to try the sampled graph at, largest
-    first: ``1, 0.9, …`` down to the last above ``B`` — where ``config.match_budget_bytes`` is on
+    """The partitioner budgets above ``config``'s (``B``) to try the sampled graph at: ``1, 0.9,
+    …`` down to the last above ``B`` — where ``config.match_budget_bytes`` is on
     and the budget is the user's (not one ``mem_gb`` or a plan chose, which fit their own bytes)."""
     if not config.match_budget_bytes or config.mem_gb is not None:
         return ()
@@ -246,7 +246,8 @@ def _kept_instead(root: fx.Node, saved: list[fx.Node], origin: str, root_size: S
 
 def _needed_anyway(trace: PartitionTrace, root: str, compact_saved: bool) -> tuple[str, str] | None:
     """The verdict where the sampled trace still saves or recomputes the whole input."""
-    if not compact_saved and root not in trace.saved_roots and root in trace.recomputed and _only_gathered(trace, root):
+    if (not compact_saved and root not in trace.saved_roots and root in trace.recomputed
+            and _only_gathered(trace, root)):
         # Memory-neutral like any recompute; Inductor fuses the gather into the recomputed
         # row-local chain, so that part runs on the kept rows only.
         return FREES_NOTHING, "recomputed in backward only to gather the kept rows"
@@ -259,7 +260,6 @@ def _needed_anyway(trace: PartitionTrace, root: str, compact_saved: bool) -> tup
 
 
 _ROW_GATHERS = (torch.ops.aten.index_select.default, torch.ops.aten.index.Tensor)
-_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default)
 
 
 def _only_gathered(trace: PartitionTrace, root: str) -> bool:
@@ -271,7 +271,7 @@ def _only_gathered(trace: PartitionTrace, root: str) -> bool:
     pending, gathers = list(node.users), 0
     while pending:
         user = pending.pop()
-        if user.target in _VIEWS:
+        if is_storage_view(user):
             pending.extend(user.users)
         elif user.target in _ROW_GATHERS:
             gathers += 1

@@ -83,3 +83,19 @@ class PreNormMLP(torch.nn.Module):
 
     def forward(self, x):
         return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, options: dict) -> int:
+    """Bytes autograd saves for one ``wtacrs`` step of a copy of ``model`` on ``x`` (dynamo reset
+    first, so each call compiles afresh)."""
+    import copy
+
+    from wtacompile import SavedTensorMeter
+
+    torch._dynamo.reset()
+    trained = copy.deepcopy(model)
+    compiled = torch.compile(trained, backend="wtacrs", options=options)
+    with SavedTensorMeter(trained.parameters()) as meter:
+        y = compiled(x)
+    y.sum().backward()
+    return meter.activation_bytes

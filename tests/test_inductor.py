@@ -5,7 +5,7 @@ import copy
 import torch
 
 import wtacompile
-from hf_models import PreNormMLP, build
+from hf_models import PreNormMLP, build, saved_activation_bytes
 from wtacompile import SavedTensorMeter
 
 
@@ -112,13 +112,7 @@ def test_a_raised_budget_under_inductor_saves_no_more_than_the_budget_alone():
     x = torch.randn(512, 64, requires_grad=True)
 
     def saved_by(options):
-        torch._dynamo.reset()
-        trained = copy.deepcopy(model)
-        compiled = torch.compile(trained, backend="wtacrs", options=options)
-        with SavedTensorMeter(trained.parameters()) as meter:
-            y = compiled(x)
-        y.sum().backward()
-        return meter.activation_bytes
+        return saved_activation_bytes(model, x, options)
 
     with torch._functorch.config.patch(activation_memory_budget=0.5):
         dense = saved_by({"keep_ratio": 1.0})

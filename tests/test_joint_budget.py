@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import wtacompile
-from hf_models import PreNormMLP, build
+from hf_models import PreNormMLP, build, saved_activation_bytes
 from wtacompile import Plan, plan
 from wtacompile.analysis.graph_cost import graph_cost
 from wtacompile.analysis.partition_trace import trace_partition
@@ -207,15 +207,6 @@ def test_raised_budgets_are_tried_only_for_a_budget_the_user_set():
         WTAConfig.from_options({"match_budget_bytes": "yes"})
 
 
-def _saved_by(model, x, options) -> int:
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="wtacrs", options=options)
-    with wtacompile.SavedTensorMeter(model.parameters()) as meter:
-        y = compiled(x)
-    y.sum().backward()
-    return meter.activation_bytes
-
-
 def test_a_budget_the_user_sets_is_met_in_bytes_with_less_recompute():
     """A partitioner budget is a fraction of each graph's own range of saved bytes, and sampling
     shrinks the range: at the user's budget B the sampled partition recomputes down to fewer bytes
@@ -231,12 +222,12 @@ def test_a_budget_the_user_sets_is_met_in_bytes_with_less_recompute():
                               ("at 0.5", dict(AOT, match_budget_bytes=False)),
                               ("matched", AOT)):
             wtacompile.clear_reports()
-            saved[name] = _saved_by(copy.deepcopy(model), x, options)
+            saved[name] = saved_activation_bytes(model, x, options)
             reports[name] = [r for r in wtacompile.compile_reports() if r.training]
     (matched,), (at_budget,) = reports["matched"], reports["at 0.5"]
     assert matched.activation_memory_budget == 0.7 and matched.raised_from == 0.5, str(matched)
     assert "raised from 0.5" in str(matched) and len(matched.sampled_sites) == 6
     assert at_budget.raised_from is None and len(at_budget.sampled_sites) == 6
     assert saved["at 0.5"] < saved["matched"] <= saved["dense"]
-    outright = _saved_by(copy.deepcopy(model), x, dict(AOT, activation_memory_budget=0.7, match_budget_bytes=False))
+    outright = saved_activation_bytes(model, x, dict(AOT, activation_memory_budget=0.7, match_budget_bytes=False))
     assert outright == saved["matched"]

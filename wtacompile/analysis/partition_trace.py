@@ -56,14 +56,14 @@ class PartitionTrace:
 def trace_partition(gm: fx.GraphModule, config: WTAConfig, *, static: bool = False) -> PartitionTrace:
     """Trace ``gm`` (left unchanged) through AOTAutograd and return the partitioner's split;
     ``static=True``: at the traced sizes even if ``gm`` is symbolic (see :func:`aot_trace`)."""
-    return trace_largest_fitting(gm, config, (), lambda _trace, _budget: True, static=static)[0]
+    return trace_largest_fitting(gm, config, (), lambda _split: True, static=static)[0]
 
 
 def trace_largest_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequence[float],
-                          fits: Callable[[PartitionTrace, float], bool], *, static: bool = False
+                          fits: Callable[[PartitionTrace], bool], *, static: bool = False
                           ) -> tuple[PartitionTrace, float | None]:
     """One AOTAutograd trace of ``gm``, its joint graph split at the largest partitioner budget
-    of ``budgets`` for which ``fits(split, budget)``; without one (or with no ``budgets``), the
+    of ``budgets`` for which ``fits(split)``; without one (or with no ``budgets``), the
     split at ``config``'s own budget. Returns the split and the budget it was made at (``None``:
     ``config``'s).
 
@@ -94,7 +94,7 @@ def trace_largest_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequen
             middle = (low + high) // 2
             with torch._functorch.config.patch(activation_memory_budget=ordered[middle]):
                 trial = split(copy_module(joint), joint_inputs, kwargs)
-            if fits(trial, ordered[middle]):
+            if fits(trial):
                 best, low = (trial, ordered[middle]), middle + 1
             else:
                 high = middle

@@ -91,8 +91,9 @@ def plan(
     """
     _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size)
     budgets = _check_budgets(activation_budgets) if inner != "eager" else (1.0,)  # eager: no partitioner
-    config = WTAConfig(keep_ratio=0.3, min_rows=min_rows, include=include, exclude=exclude, match_budget_bytes=False,
-                       inner=inner, optimizer=optimizer)
+    # match_budget_bytes off: each budget is analysed at itself, the tier that fits the plan's bytes.
+    config = WTAConfig(keep_ratio=0.3, min_rows=min_rows, include=include, exclude=exclude,
+                       inner=inner, optimizer=optimizer, match_budget_bytes=False)
     planned_device = device_type or _device_of(model)
     balance = balance_for(planned_device)
     budget = int(mem_gb * 1e9)
