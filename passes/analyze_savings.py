@@ -57,7 +57,7 @@ import torch
 import torch.fx as fx
 
 from wtacompile._compat import dynamo_origin, is_storage_view, joint_parameter_inputs, storage_root
-from wtacompile.analysis.graph_cost import graph_cost
+from wtacompile.analysis.graph_cost import graph_cost, with_recompute_of
 from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys, saved_bytes
 from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, trace_largest_fitting, trace_partition
 from wtacompile.config import WTAConfig
@@ -150,9 +150,10 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     memory = graph_memory(sampled, sampled_parameters, _AsIfExact(
         sizer, {name: size for group, rows in zip(groups, compact) if group.verdict == FREES for name, size in rows}),
         fuses)
+    # The sampled partition's own recompute, not the dense one's (at a raised budget, less).
+    cost = with_recompute_of(cost, dense, sampled)
     return dataclasses.replace(state, analysis=SavingsAnalysis(
-        groups, untraced, memory, cost, under_recompute=True,
-        raised_from=raised_from))
+        groups, untraced, memory, cost, under_recompute=True, raised_from=raised_from))
 
 
 def raised_budgets(config: WTAConfig) -> tuple[float, ...]:

@@ -10,7 +10,7 @@ import torch
 import wtacompile
 from hf_models import PreNormMLP, build, saved_activation_bytes
 from wtacompile import Plan, plan
-from wtacompile.analysis.graph_cost import graph_cost
+from wtacompile.analysis.graph_cost import graph_cost, recompute_cost, with_recompute_of
 from wtacompile.analysis.partition_trace import trace_partition
 from wtacompile.config import WTAConfig
 from wtacompile.memory import measure_training_step
@@ -63,6 +63,57 @@ def test_graph_cost_counts_each_gemm_of_forward_and_backward():
     first, second = 2 * 64 * 16 * 32, 2 * 64 * 32 * 8
     assert cost.flops == 2 * first + 3 * second
     assert cost.bytes > 0 and sum(f for _, f, _ in cost.owners) == cost.flops
+
+
+def test_recompute_cost_is_the_work_a_lower_budget_adds():
+    """Three MLP blocks partitioned at budgets 1 and 0.2: the GEMMs that run once (forward,
+    backward) are the same at both, so total FLOPs less recomputed FLOPs agree exactly, and
+    swapping one split's recompute for the other's gives the other's FLOPs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[PreNormMLP() for _ in range(3)])
+    splits = {}
+
+    def backend(gm, inputs):
+        for budget in (1.0, 0.2):
+            splits[budget] = trace_partition(gm, WTAConfig(inner="aot_eager", activation_memory_budget=budget))
+        return gm.forward
+
+    torch.compile(model, backend=backend)(torch.randn(256, 64, requires_grad=True)).sum().backward()
+    costs = {b: graph_cost(t) for b, t in splits.items()}
+    recomputed = {b: recompute_cost(t) for b, t in splits.items()}
+    assert recomputed[1.0].flops == 0 < recomputed[0.2].flops  # budget 0.2 recomputes GEMMs
+    assert costs[1.0].flops - recomputed[1.0].flops == costs[0.2].flops - recomputed[0.2].flops
+    swapped = with_recompute_of(costs[1.0], splits[1.0], splits[0.2])
+    assert swapped.flops == costs[0.2].flops
+    assert sum(f for _, f, _ in swapped.owners) == pytest.approx(swapped.flops)
+
+
+@pytest.mark.parametrize("galloping, most", [(False, 4), (True, 5)])
+def test_largest_fitting_searches_log_many_and_answers_only_with_a_success(galloping, most):
+    from wtacompile.solver import largest_fitting
+
+    menu = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+    for threshold in (*menu, 0.95, 0.05):
+        tried = []
+
+        def fits(budget):
+            tried.append(budget)
+            return f"fits at {budget}" if budget <= threshold + 1e-9 else None
+
+        found = largest_fitting(menu, fits, galloping=galloping)
+        expected = max((b for b in menu if b <= threshold + 1e-9), default=None)
+        assert (found and found[0]) == expected and len(tried) <= most
+        if found:
+            assert found[1] == f"fits at {expected}"
+        else:
+            assert tried[-1] == min(menu)  # nothing fits: the last try is the least recompute
+        if galloping and expected == menu[0]:
+            assert tried == [menu[0]]  # the common case costs one attempt
+    # Not monotone: the answer may be smaller than the largest success, never a failure.
+    lumpy = (0.9, 0.5, 0.3, 0.2, 0.1) if not galloping else (0.6, 0.3, 0.2, 0.1)
+    found = largest_fitting(menu, lambda b: b if b in lumpy else None, galloping=galloping)
+    assert found is not None and found[0] in lumpy and found[0] < max(lumpy)
+    assert largest_fitting((), lambda b: b, galloping=galloping) is None
 
 
 # --- options and plans carry the budget ------------------------------------------------------
@@ -139,6 +190,9 @@ def test_sampling_alone_first_then_recompute_when_it_cannot_fit(llama_budgets):
     assert not alone.fits
     joint = plan(model, below, example_inputs=batch, inner="aot_eager")
     assert joint.fits and joint.activation_memory_budget < 1.0, str(joint)
+    # The least recompute that fits: the next budget up on the menu does not.
+    above = round(joint.activation_memory_budget + 0.1, 1)
+    assert not plan(model, below, example_inputs=batch, inner="aot_eager", activation_budgets=(above,)).fits
     assert joint.peak_bytes <= below * 1e9 < alone.peak_bytes
     assert joint.baseline_peak_bytes == ample.baseline_peak_bytes  # baseline: dense at budget 1
     assert f"activation_memory_budget={joint.activation_memory_budget:g}" in str(joint)
@@ -166,7 +220,7 @@ def test_budget_nothing_meets_names_the_recompute_it_tried(llama_budgets):
     squeezed = (state_alone + 1) / 1e9
     assert not plan(model, squeezed, example_inputs=batch, inner="aot_eager").fits
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed,
-                       match="activation_memory_budget 0.3") as info:
+                       match="activation_memory_budget 0.1") as info:
         torch.compile(copy.deepcopy(model), backend="wtacrs", options=dict(AOT, mem_gb=squeezed))(**batch)
     assert isinstance(info.value.inner_exception, ValueError)
     # Parameters and optimizer state alone over the budget: no recompute can help, none is tried.

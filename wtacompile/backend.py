@@ -9,9 +9,9 @@ runs :data:`wtacompile.passes.PIPELINE`::
 (the analysis passes and ``choose_ratios`` run here, so that under ``mem_gb`` they can run again
 at another partitioner budget). Under ``mem_gb`` the partitioner budget is chosen with the keep
 ratios: the analysis and the choice run at each budget of
-:data:`wtacompile.solver.DEFAULT_BUDGET_MENU`, largest first, until the predicted peak fits — the
-least recompute that fits (recompute is what costs time; sampling saves some), and at it the
-least-variance ratios. A budget dense training fits stays exact, at partitioner budget 1. A
+:data:`wtacompile.solver.DEFAULT_BUDGET_MENU` (from the top, galloping) to find the largest at
+which the predicted peak fits — the least recompute that fits (recompute is what costs time;
+sampling saves some), and at it the least-variance ratios. A budget dense training fits stays exact, at partitioner budget 1. A
 partitioner budget the user set (the option, or torch's global ``activation_memory_budget``) is
 not searched; a sampled graph is compiled at it, or at a larger one where that saves no more than
 the dense partition at it (``match_budget_bytes``, :mod:`wtacompile.passes.analyze_savings`).
@@ -42,7 +42,7 @@ from wtacompile.lower import compile_graph
 from wtacompile.passes import ANALYSIS_PASSES, BudgetNotMet, CompileState, choose_ratios, rewrite_sampled, run_passes
 from wtacompile.report import GraphReport, record
 from wtacompile.sites import sampled_linear
-from wtacompile.solver import DEFAULT_BUDGET_MENU
+from wtacompile.solver import DEFAULT_BUDGET_MENU, largest_fitting
 from wtacompile.time_model import SampledLinear, balance_for, step_time_ratio
 
 __all__ = ["partitioner_menu", "wtacrs_backend"]
@@ -112,9 +112,10 @@ def partitioner_menu(config: WTAConfig) -> tuple[float | None, ...]:
 
 def _analyse_and_decide(gm: fx.GraphModule, state: CompileState, example_inputs
                         ) -> tuple[CompileState, float]:
-    """The analysis passes and :func:`choose_ratios` at each budget of :func:`partitioner_menu`
-    until the decision fits (only ``mem_gb`` can miss), and the decision's predicted step time
-    relative to this graph's dense training at the first budget tried."""
+    """The analysis passes and :func:`choose_ratios` at the largest budget of
+    :func:`partitioner_menu` where the decision fits (only ``mem_gb`` can miss; its first budget
+    is tried first, the rest from the top, galloping), and the decision's predicted step time relative to this
+    graph's dense training at the first budget."""
     menu = partitioner_menu(state.config)
     if state.budget is not None and len(menu) > 1:
         # A recompile (a new length under dynamic shapes) recomputes no less than the compile
@@ -122,8 +123,16 @@ def _analyse_and_decide(gm: fx.GraphModule, state: CompileState, example_inputs
         earlier = state.budget.earlier_partitioner_budget(graph_key(example_inputs))
         if earlier is not None:
             menu = tuple(b for b in menu if b <= earlier) or (earlier,)
-    reference = None
-    for position, budget in enumerate(menu):
+    reference = None  # the first budget's analysis: what the step time is relative to
+    failures: list[BudgetNotMet] = []
+    ledger, key = state.budget, graph_key(example_inputs)
+    before = ledger.entry(key) if ledger is not None else None
+    commits: dict[float | None, Any] = {}  # each success's ledger entry for this graph
+
+    def attempt(budget: float | None) -> CompileState | None:
+        nonlocal reference
+        if ledger is not None:  # every attempt solves against what the ledger held before any
+            ledger.restore(key, before)
         trial = state if budget is None else dataclasses.replace(
             state, config=dataclasses.replace(state.config, activation_memory_budget=budget))
         analysed = run_passes(gm, trial, ANALYSIS_PASSES)
@@ -131,14 +140,23 @@ def _analyse_and_decide(gm: fx.GraphModule, state: CompileState, example_inputs
         try:
             decided = choose_ratios(gm, analysed)
         except BudgetNotMet as error:
-            if position == len(menu) - 1 or error.parameters_alone:
-                raise
-            log.info("wtacrs mem_gb: does not fit at activation_memory_budget %s; trying %s",
-                     budget, menu[position + 1])
-            continue
-        return decided, step_time_ratio((decided.analysis.cost,), _sampled_linears(decided),
-                                        (reference.cost,), balance_for(_device_type(example_inputs)))
-    raise AssertionError("unreachable: the menu is never empty")
+            if error.parameters_alone:
+                raise  # no recompute shrinks parameters, gradients and optimizer state
+            log.info("wtacrs mem_gb: does not fit at activation_memory_budget %s", budget)
+            failures.append(error)
+            return None
+        commits[budget] = ledger.entry(key) if ledger is not None else None
+        return decided
+
+    budget, decided = menu[0], attempt(menu[0])
+    if decided is None and len(menu) > 1:
+        budget, decided = largest_fitting(menu[1:], attempt, galloping=True) or (None, None)
+    if decided is None:
+        raise failures[-1]  # the last attempt was at the smallest budget: the least recompute
+    if ledger is not None:
+        ledger.restore(key, commits[budget])  # the answer's commit, not a later attempt's
+    return decided, step_time_ratio((decided.analysis.cost,), _sampled_linears(decided),
+                                    (reference.cost,), balance_for(_device_type(example_inputs)))
 
 
 def _sampled_linears(state: CompileState) -> list[tuple[SampledLinear, int]]:

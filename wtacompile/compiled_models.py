@@ -59,6 +59,18 @@ class BudgetLedger:
         """The partitioner budget an earlier compile of ``graph`` chose; ``None`` if none."""
         return self._partitioner_budgets.get(graph)
 
+    def entry(self, graph: frozenset[int]) -> tuple:
+        """What the ledger holds for ``graph`` (to :meth:`restore` after trying other choices)."""
+        return self._graphs.get(graph), self._partitioner_budgets.get(graph)
+
+    def restore(self, graph: frozenset[int], entry: tuple) -> None:
+        """Put back what :meth:`entry` returned for ``graph``."""
+        for store, value in zip((self._graphs, self._partitioner_budgets), entry):
+            if value is None:
+                store.pop(graph, None)
+            else:
+                store[graph] = value
+
     def commit(self, graph: frozenset[int], nbytes: int, ratios: dict[str, float],
                partitioner_budget: float | None = None) -> None:
         self._graphs[graph] = (nbytes, dict(ratios))

@@ -102,7 +102,9 @@ class SavingsAnalysis:
     groups: tuple[InputGroup, ...]
     untraced: tuple[str, ...]  # candidate weights absent from the traced graph (dead code)
     memory: GraphMemory  # the dense partition's numbers, for the memory model (see under_recompute)
-    cost: GraphCost = GraphCost(0.0, 0.0)  # the dense partition's work, for the time model
+    # The dense partition's work, for the time model (under recompute with the sampled
+    # partition's recompute in place of the dense one's).
+    cost: GraphCost = GraphCost(0.0, 0.0)
     # Below partitioner budget 1, where sampling saves no more than the dense partition: ``memory``
     # is the sampled partition's (with the ``frees`` inputs' rows counted as whole inputs, so the
     # memory model can still choose their ratios), and the other groups are sampled as traced.

@@ -31,17 +31,62 @@ for nothing. ``O(G · options · resolution)`` in vectorised numpy: ~224 groups 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
-__all__ = ["DEFAULT_BUDGET_MENU", "DEFAULT_MENU", "GroupChoice", "Solution", "solve", "variance_cost"]
+__all__ = ["DEFAULT_BUDGET_MENU", "DEFAULT_MENU", "GroupChoice", "Solution", "largest_fitting", "solve",
+           "variance_cost"]
 
 DEFAULT_MENU: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
-#: Partitioner budgets (torch's ``activation_memory_budget``) a memory budget may choose, tried
-#: largest first: the first at which the ratios can fit is the one that recomputes least.
-DEFAULT_BUDGET_MENU: tuple[float, ...] = (1.0, 0.7, 0.5, 0.3)
+#: Partitioner budgets (torch's ``activation_memory_budget``) a memory budget may choose from: the
+#: largest at which the ratios can fit is the one that recomputes least. Searched from the top
+#: (:func:`largest_fitting`, galloping: most memory budgets need no recompute or a little), so a
+#: user with X GB pays for no more recompute than X asks, in steps of 0.1, for about as many
+#: analyses as the coarse 1, 0.7, 0.5, 0.3 tried in turn (measured in ``benchmarks/bench_joint.py``).
+DEFAULT_BUDGET_MENU: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+Result = TypeVar("Result")
+
+
+def largest_fitting(budgets: Sequence[float], attempt: Callable[[float], Result | None], *,
+                    galloping: bool = False) -> tuple[float, Result] | None:
+    """The largest of ``budgets`` at which ``attempt`` succeeds (returns a result, not ``None``),
+    with that result; ``None`` if no attempt did.
+
+    A smaller partitioner budget recomputes more and saves less, so success is taken to be
+    monotone and the budgets are bisected: ``⌈log2(n + 1)⌉`` attempts for ``n`` budgets, not up
+    to ``n``. ``galloping``: try the 1st largest, then the 3rd, 7th, 15th… (gaps doubling) and
+    bisect the gap before the first success — one attempt when the largest fits, three for the
+    next two, five at most for nine budgets; for searches whose answer is usually near the top
+    (a memory budget most often needs a little recompute, not much). Where success is not monotone
+    (a knapsack can be lumpy) the answer may be a smaller budget that fits, never one that does
+    not: it is always an attempted success. When nothing fits, the last attempt made is at the
+    smallest budget, so a caller keeping its last failure reports the least recompute could
+    reach.
+    """
+    ordered = sorted(budgets, reverse=True)
+    best: tuple[float, Result] | None = None
+    low, high = 0, len(ordered)  # the answer's index lies in [low, high]; high: none found yet
+    if galloping:
+        step = 1
+        while low < high:
+            probe = min(low + step - 1, high - 1)
+            result = attempt(ordered[probe])
+            if result is not None:
+                best, high = (ordered[probe], result), probe
+                break
+            low, step = probe + 1, step * 2
+    while low < high:
+        middle = (low + high) // 2
+        result = attempt(ordered[middle])
+        if result is None:
+            low = middle + 1
+        else:
+            best, high = (ordered[middle], result), middle
+    return best
 
 
 @dataclass(frozen=True)

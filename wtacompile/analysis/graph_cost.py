@@ -20,17 +20,40 @@ from wtacompile.time_model import GraphCost
 from .graph_numbers import module_path, owning_module
 from .partition_trace import PartitionTrace
 
-__all__ = ["graph_cost", "node_flops"]
+__all__ = ["graph_cost", "node_flops", "recompute_cost", "with_recompute_of"]
 
 
 def graph_cost(trace: PartitionTrace) -> GraphCost:
     """The forward and backward graphs' work (recomputed ops are in the backward graph)."""
+    return _cost(node for graph in (trace.forward.graph, trace.backward.graph) for node in graph.nodes)
+
+
+def recompute_cost(trace: PartitionTrace) -> GraphCost:
+    """The work the backward graph does again: its ops that the forward graph also runs (the
+    partitioner copies a recomputed forward op into backward under its joint-graph name)."""
+    in_forward = {n.name for n in trace.forward.graph.nodes if n.op == "call_function"}
+    return _cost(n for n in trace.backward.graph.nodes if n.name in in_forward)
+
+
+def with_recompute_of(cost: GraphCost, trace: PartitionTrace, other: PartitionTrace) -> GraphCost:
+    """``cost`` (``trace``'s work) with ``trace``'s recompute replaced by ``other``'s.
+
+    The time model counts sampling's own changes to a dense graph's work
+    (:func:`wtacompile.time_model.sampling_change`); what it cannot see is that the sampled
+    partition recomputes differently under a partitioner budget below 1 (its knapsack balances
+    a smaller range of saved bytes). That difference is ``other``'s recompute less ``trace``'s.
+    """
+    dropped, added = recompute_cost(trace), recompute_cost(other)
+    negated = tuple((o, -f, -b) for o, f, b in dropped.owners)
+    return GraphCost(cost.flops - dropped.flops + added.flops, cost.bytes - dropped.bytes + added.bytes,
+                     cost.owners + negated + added.owners)
+
+
+def _cost(nodes) -> GraphCost:
     flops: dict[str, float] = defaultdict(float)
     nbytes: dict[str, float] = defaultdict(float)
-    for graph in (trace.forward.graph, trace.backward.graph):
-        for node in graph.nodes:
-            if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-                continue
+    for node in nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             owner = _work_owner(node)
             counted = node_flops(node)
             if counted is not None:

@@ -22,6 +22,7 @@ from wtacompile._compat import aot_trace, specialize_scalar_inputs, storage_root
 from wtacompile.config import WTAConfig
 from wtacompile.lower import (WIDENED_FROM, effective_partitioner_budget, partitioner_budget,
                               pinned_min_cut_partition, widens_masks)
+from wtacompile.solver import largest_fitting
 
 __all__ = ["PartitionTrace", "copy_module", "trace_largest_fitting", "trace_partition"]
 
@@ -67,11 +68,11 @@ def trace_largest_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequen
     split at ``config``'s own budget. Returns the split and the budget it was made at (``None``:
     ``config``'s).
 
-    What a split saves grows with the budget, so the budgets are bisected: ``log2(n) + 1``
-    partitions for ``n`` budgets, not up to ``n``. Where a knapsack is not monotone the search
-    may settle on a smaller budget that fits, never on one that does not: every answer is
-    checked. Each budget partitions a copy of the joint graph (the partitioner rewrites the
-    graph it is given, CSE first); the joint graph is traced once, which is most of the cost.
+    What a split saves grows with the budget, so the budgets are bisected
+    (:func:`wtacompile.solver.largest_fitting`: ``⌈log2(n + 1)⌉`` partitions for ``n`` budgets;
+    an answer is always one that was checked to fit). Each budget partitions a copy of the joint
+    graph (the partitioner rewrites the graph it is given, CSE first); the joint graph is traced
+    once, which is most of the cost.
     """
     captured: list[tuple[PartitionTrace, float | None]] = []
     widen_masks = widens_masks(config)
@@ -88,17 +89,14 @@ def trace_largest_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequen
     def recording_partition(joint, joint_inputs, **kwargs):
         if joint_passes:  # once: they do not depend on the budget
             joint = _inductor_joint_passes(joint, joint_inputs)
-        ordered, best = sorted(budgets), None
-        low, high = 0, len(ordered)  # the largest fitting index lies in [low - 1, high - 1]
-        while low < high:
-            middle = (low + high) // 2
-            with torch._functorch.config.patch(activation_memory_budget=ordered[middle]):
+
+        def attempt(budget: float) -> PartitionTrace | None:
+            with torch._functorch.config.patch(activation_memory_budget=budget):
                 trial = split(copy_module(joint), joint_inputs, kwargs)
-            if fits(trial):
-                best, low = (trial, ordered[middle]), middle + 1
-            else:
-                high = middle
-        captured.append(best or (split(joint, joint_inputs, kwargs), None))
+            return trial if fits(trial) else None
+
+        found = largest_fitting(budgets, attempt)
+        captured.append((found[1], found[0]) if found else (split(joint, joint_inputs, kwargs), None))
         return captured[-1][0].forward, captured[-1][0].backward
 
     decompositions = None

@@ -23,7 +23,7 @@ from wtacompile.lower import target_device
 from wtacompile.memory_model import MemoryModel, format_bytes, parameter_bytes
 from wtacompile.passes import CompileState
 from wtacompile.sites import FREES, sampled_linear
-from wtacompile.solver import DEFAULT_BUDGET_MENU, DEFAULT_MENU, Solution, solve
+from wtacompile.solver import DEFAULT_BUDGET_MENU, DEFAULT_MENU, Solution, largest_fitting, solve
 from wtacompile.time_model import GraphCost, balance_for, step_time_ratio
 from .blocks import compose_states, find_repeated_blocks, one_block_per_run
 from .capture import capture_analyses
@@ -56,9 +56,11 @@ def plan(
     least step time, then the least gradient variance.
 
     The partitioner budgets ``activation_budgets`` (torch's ``activation_memory_budget``; lower
-    recomputes more in backward) are tried largest first, the graphs analysed at each, until the
-    solver can fit the budget: the least recompute that fits (recompute is what costs time,
-    sampling saves some), and at that budget the least-variance ratios. A budget dense training
+    recomputes more in backward) are searched for the largest at which the solver can fit the
+    budget, the graphs analysed at each tried: the least recompute that fits (recompute is what
+    costs time, sampling saves some), and at that budget the least-variance ratios. The largest
+    is tried first (most budgets need no recompute), then the others from the top, galloping
+    (:func:`wtacompile.solver.largest_fitting`). A budget dense training
     fits is planned exact at partitioner budget 1; ``activation_budgets=(1.0,)`` plans sampling
     alone. Below budget 1 the model is traced whole (``compose_blocks`` applies at budget 1 only):
     the partitioner's knapsack spreads its budget unevenly over identical blocks, and a plan
@@ -107,10 +109,13 @@ def plan(
         inputs = default_example_inputs(model, trace_batch, seq_len)
     search = batch_size is None
     # A 7B-shaped model traces for tens of seconds: say what is happening (silent off a terminal).
-    with tqdm(total=2 * len(budgets), desc="wtacompile.plan", unit="stage", disable=None,
-              leave=False) as progress:
-        dense = None
-        for position, partitioner in enumerate(budgets):
+    # Stages: budget 1, then (galloping, then bisecting) up to about twice log2 of the others.
+    stages = 1 + 2 * (len(budgets) - 1).bit_length()
+    with tqdm(total=2 * stages, desc="wtacompile.plan", unit="stage", disable=None, leave=False) as progress:
+        dense: list[list[CompileState]] = []  # the first budget's graphs: the baseline
+        tried: list[Plan] = []
+
+        def attempt(partitioner: float) -> Plan | None:
             progress.set_postfix_str(f"tracing and analysing the training graphs "
                                      f"(activation_memory_budget {partitioner:g})")
             # Below budget 1 the knapsack does not treat the copies of a block alike (of six
@@ -118,15 +123,20 @@ def plan(
             with target_device(planned_device):  # a meta model traces on CPU fakes, planned for a GPU
                 states = _capture(model, inputs, dataclasses.replace(config, activation_memory_budget=partitioner),
                                   trace_batch if search else None, compose_blocks and partitioner >= 1.0)
-            dense = dense or states
+            if not dense:
+                dense.append(states)
             progress.update()
             progress.set_postfix_str("searching the largest batch" if search else "solving")
-            plan = _solve_plan(model, states, dense, partitioner, balance, budget, mem_gb, batch_size,
-                               seq_len, trace_batch, optimizer, menu, min_rows, max_batch, world_size)
+            tried.append(_solve_plan(model, states, dense[0], partitioner, balance, budget, mem_gb, batch_size,
+                                     seq_len, trace_batch, optimizer, menu, min_rows, max_batch, world_size))
             progress.update()
-            if plan.fits or position == len(budgets) - 1 or _state_alone(plan) > budget:
-                return plan  # (no recompute shrinks parameters, gradients and optimizer state)
-    raise AssertionError("unreachable: budgets is never empty")
+            return tried[-1] if tried[-1].fits else None
+
+        first = attempt(budgets[0])
+        if first is not None or len(budgets) == 1 or _state_alone(tried[-1]) > budget:
+            return tried[-1]  # (no recompute shrinks parameters, gradients and optimizer state)
+        found = largest_fitting(budgets[1:], attempt, galloping=True)
+        return found[1] if found else tried[-1]  # nothing fits: the smallest budget's plan
 
 
 def _state_alone(plan: Plan) -> int:
