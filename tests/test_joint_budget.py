@@ -88,10 +88,11 @@ def test_recompute_cost_is_the_work_a_lower_budget_adds():
     assert sum(f for _, f, _ in swapped.owners) == pytest.approx(swapped.flops)
 
 
-@pytest.mark.parametrize("galloping, most", [(False, 4), (True, 5)])
-def test_largest_fitting_searches_log_many_and_answers_only_with_a_success(galloping, most):
-    from wtacompile.solver import largest_fitting
+@pytest.mark.parametrize("search", ["bisected", "from the top"])
+def test_budget_search_answers_with_the_largest_success_and_only_a_success(search):
+    from wtacompile.solver import first_fitting, largest_fitting
 
+    find = largest_fitting if search == "bisected" else first_fitting
     menu = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
     for threshold in (*menu, 0.95, 0.05):
         tried = []
@@ -100,20 +101,24 @@ def test_largest_fitting_searches_log_many_and_answers_only_with_a_success(gallo
             tried.append(budget)
             return f"fits at {budget}" if budget <= threshold + 1e-9 else None
 
-        found = largest_fitting(menu, fits, galloping=galloping)
+        found = find(menu, fits)
         expected = max((b for b in menu if b <= threshold + 1e-9), default=None)
-        assert (found and found[0]) == expected and len(tried) <= most
+        assert (found and found[0]) == expected
         if found:
             assert found[1] == f"fits at {expected}"
         else:
             assert tried[-1] == min(menu)  # nothing fits: the last try is the least recompute
-        if galloping and expected == menu[0]:
-            assert tried == [menu[0]]  # the common case costs one attempt
-    # Not monotone: the answer may be smaller than the largest success, never a failure.
-    lumpy = (0.9, 0.5, 0.3, 0.2, 0.1) if not galloping else (0.6, 0.3, 0.2, 0.1)
-    found = largest_fitting(menu, lambda b: b if b in lumpy else None, galloping=galloping)
-    assert found is not None and found[0] in lumpy and found[0] < max(lumpy)
-    assert largest_fitting((), lambda b: b, galloping=galloping) is None
+        if search == "bisected":
+            assert len(tried) <= 4  # ⌈log2(10)⌉
+        else:
+            assert tried == [b for b in menu if b >= (expected or 0)]  # one per budget down to it
+    # Not monotone (the knapsack is lumpy): from the top finds the true largest; bisection may
+    # settle lower, never on a failure.
+    lumpy = (0.6, 0.5, 0.2, 0.1)
+    found = find(menu, lambda b: b if b in lumpy else None)
+    assert found is not None and found[0] in lumpy
+    assert found[0] == 0.6 or search == "bisected"
+    assert find((), lambda b: b) is None
 
 
 # --- options and plans carry the budget ------------------------------------------------------

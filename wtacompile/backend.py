@@ -8,13 +8,14 @@ runs :data:`wtacompile.passes.PIPELINE`::
 
 (the analysis passes and ``choose_ratios`` run here, so that under ``mem_gb`` they can run again
 at another partitioner budget). Under ``mem_gb`` the partitioner budget is chosen with the keep
-ratios: the analysis and the choice run at each budget of
-:data:`wtacompile.solver.DEFAULT_BUDGET_MENU` (from the top, galloping) to find the largest at
-which the predicted peak fits — the least recompute that fits (recompute is what costs time;
-sampling saves some), and at it the least-variance ratios. A budget dense training fits stays exact, at partitioner budget 1. A
-partitioner budget the user set (the option, or torch's global ``activation_memory_budget``) is
-not searched; a sampled graph is compiled at it, or at a larger one where that saves no more than
-the dense partition at it (``match_budget_bytes``, :mod:`wtacompile.passes.analyze_savings`).
+ratios: the analysis and the choice run at the budgets of
+:data:`wtacompile.solver.DEFAULT_BUDGET_MENU`, from the top, to find the largest at which the
+predicted peak fits — the least recompute that fits (recompute is what costs time; sampling saves
+some), and at it the least-variance ratios. A budget dense training fits stays exact, at
+partitioner budget 1. A partitioner budget the user set (the option, or torch's global
+``activation_memory_budget``) is not searched; a sampled graph is compiled at it, or at a larger
+one where that saves no more than the dense partition at it (``match_budget_bytes``,
+:mod:`wtacompile.passes.analyze_savings`).
 
 Inference graphs (grad disabled, or nothing in the graph requires grad) skip the passes entirely
 and go straight to the inner compiler (:mod:`wtacompile.lower`): zero overhead. Every decision is
@@ -42,7 +43,7 @@ from wtacompile.lower import compile_graph
 from wtacompile.passes import ANALYSIS_PASSES, BudgetNotMet, CompileState, choose_ratios, rewrite_sampled, run_passes
 from wtacompile.report import GraphReport, record
 from wtacompile.sites import sampled_linear
-from wtacompile.solver import DEFAULT_BUDGET_MENU, largest_fitting
+from wtacompile.solver import DEFAULT_BUDGET_MENU, first_fitting
 from wtacompile.time_model import SampledLinear, balance_for, step_time_ratio
 
 __all__ = ["partitioner_menu", "wtacrs_backend"]
@@ -114,8 +115,9 @@ def _analyse_and_decide(gm: fx.GraphModule, state: CompileState, example_inputs
                         ) -> tuple[CompileState, float]:
     """The analysis passes and :func:`choose_ratios` at the largest budget of
     :func:`partitioner_menu` where the decision fits (only ``mem_gb`` can miss; its first budget
-    is tried first, the rest from the top, galloping), and the decision's predicted step time relative to this
-    graph's dense training at the first budget."""
+    is tried first, then the rest from the top; where the answer stays dense, the largest
+    lower budget that fits with sampling is taken instead if predicted faster), and the
+    decision's predicted step time relative to this graph's dense training at the first budget."""
     menu = partitioner_menu(state.config)
     if state.budget is not None and len(menu) > 1:
         # A recompile (a new length under dynamic shapes) recomputes no less than the compile
@@ -148,15 +150,28 @@ def _analyse_and_decide(gm: fx.GraphModule, state: CompileState, example_inputs
         commits[budget] = ledger.entry(key) if ledger is not None else None
         return decided
 
+    def step_time(decided: CompileState) -> float:
+        return step_time_ratio((decided.analysis.cost,), _sampled_linears(decided), (reference.cost,),
+                               balance_for(_device_type(example_inputs)))
+
+    def sampling(decided: CompileState | None) -> CompileState | None:
+        return decided if decided is not None and _sampled_linears(decided) else None
+
     budget, decided = menu[0], attempt(menu[0])
     if decided is None and len(menu) > 1:
-        budget, decided = largest_fitting(menu[1:], attempt, galloping=True) or (None, None)
+        budget, decided = first_fitting(menu[1:], attempt) or (None, None)
+        if decided is not None and not sampling(decided):
+            # It stays dense there (sampling would add bytes), torch's own choice; sampling at a
+            # lower budget may still be faster: the time model decides.
+            lower = [b for b in menu if b < budget]
+            alternative = first_fitting(lower, lambda b: sampling(attempt(b)))
+            if alternative is not None and step_time(alternative[1]) < step_time(decided):
+                budget, decided = alternative
     if decided is None:
         raise failures[-1]  # the last attempt was at the smallest budget: the least recompute
     if ledger is not None:
         ledger.restore(key, commits[budget])  # the answer's commit, not a later attempt's
-    return decided, step_time_ratio((decided.analysis.cost,), _sampled_linears(decided),
-                                    (reference.cost,), balance_for(_device_type(example_inputs)))
+    return decided, step_time(decided)
 
 
 def _sampled_linears(state: CompileState) -> list[tuple[SampledLinear, int]]:

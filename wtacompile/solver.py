@@ -37,48 +37,32 @@ from typing import TypeVar
 
 import numpy as np
 
-__all__ = ["DEFAULT_BUDGET_MENU", "DEFAULT_MENU", "GroupChoice", "Solution", "largest_fitting", "solve",
-           "variance_cost"]
+__all__ = ["DEFAULT_BUDGET_MENU", "DEFAULT_MENU", "GroupChoice", "Solution", "first_fitting", "largest_fitting",
+           "solve", "variance_cost"]
 
 DEFAULT_MENU: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
 #: Partitioner budgets (torch's ``activation_memory_budget``) a memory budget may choose from: the
-#: largest at which the ratios can fit is the one that recomputes least. Searched from the top
-#: (:func:`largest_fitting`, galloping: most memory budgets need no recompute or a little), so a
-#: user with X GB pays for no more recompute than X asks, in steps of 0.1, for about as many
-#: analyses as the coarse 1, 0.7, 0.5, 0.3 tried in turn (measured in ``benchmarks/bench_joint.py``).
+#: largest at which the ratios can fit is the one that recomputes least. Tried from the top
+#: (:func:`first_fitting`): most memory budgets need no recompute or a little, so steps of 0.1
+#: let a user with X GB pay for no more recompute than X asks, at one analysis per step above the
+#: answer (measured in ``benchmarks/bench_joint.py``).
 DEFAULT_BUDGET_MENU: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
 Result = TypeVar("Result")
 
 
-def largest_fitting(budgets: Sequence[float], attempt: Callable[[float], Result | None], *,
-                    galloping: bool = False) -> tuple[float, Result] | None:
+def largest_fitting(budgets: Sequence[float], attempt: Callable[[float], Result | None]
+                    ) -> tuple[float, Result] | None:
     """The largest of ``budgets`` at which ``attempt`` succeeds (returns a result, not ``None``),
     with that result; ``None`` if no attempt did.
 
-    A smaller partitioner budget recomputes more and saves less, so success is taken to be
-    monotone and the budgets are bisected: ``⌈log2(n + 1)⌉`` attempts for ``n`` budgets, not up
-    to ``n``. ``galloping``: try the 1st largest, then the 3rd, 7th, 15th… (gaps doubling) and
-    bisect the gap before the first success — one attempt when the largest fits, three for the
-    next two, five at most for nine budgets; for searches whose answer is usually near the top
-    (a memory budget most often needs a little recompute, not much). Where success is not monotone
-    (a knapsack can be lumpy) the answer may be a smaller budget that fits, never one that does
-    not: it is always an attempted success. When nothing fits, the last attempt made is at the
-    smallest budget, so a caller keeping its last failure reports the least recompute could
-    reach.
+    For cheap attempts whose success is monotone in the budget: bisected, ``⌈log2(n + 1)⌉``
+    attempts for ``n`` budgets. Where success is not monotone the answer may be a smaller budget
+    that fits, never one that does not: it is always an attempted success.
     """
     ordered = sorted(budgets, reverse=True)
     best: tuple[float, Result] | None = None
     low, high = 0, len(ordered)  # the answer's index lies in [low, high]; high: none found yet
-    if galloping:
-        step = 1
-        while low < high:
-            probe = min(low + step - 1, high - 1)
-            result = attempt(ordered[probe])
-            if result is not None:
-                best, high = (ordered[probe], result), probe
-                break
-            low, step = probe + 1, step * 2
     while low < high:
         middle = (low + high) // 2
         result = attempt(ordered[middle])
@@ -87,6 +71,22 @@ def largest_fitting(budgets: Sequence[float], attempt: Callable[[float], Result 
         else:
             best, high = (ordered[middle], result), middle
     return best
+
+
+def first_fitting(budgets: Sequence[float], attempt: Callable[[float], Result | None]
+                  ) -> tuple[float, Result] | None:
+    """The largest of ``budgets`` at which ``attempt`` succeeds, tried from the largest down.
+
+    For a predicted peak, whose fit is not monotone in the partitioner budget (the knapsack is
+    lumpy: measured, torch alone peaks higher at 0.3 than at 0.4 on the frontier's Llama, whose
+    plan fits at 0.6 but not at 0.3, so a search that skipped budgets fell to 0.1): the answer
+    is the true largest, at the cost of one attempt per budget above it. When nothing fits, the last attempt is at the smallest budget.
+    """
+    for budget in sorted(budgets, reverse=True):
+        result = attempt(budget)
+        if result is not None:
+            return budget, result
+    return None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from wtacompile.lower import target_device
 from wtacompile.memory_model import MemoryModel, format_bytes, parameter_bytes
 from wtacompile.passes import CompileState
 from wtacompile.sites import FREES, sampled_linear
-from wtacompile.solver import DEFAULT_BUDGET_MENU, DEFAULT_MENU, Solution, largest_fitting, solve
+from wtacompile.solver import DEFAULT_BUDGET_MENU, DEFAULT_MENU, Solution, first_fitting, solve
 from wtacompile.time_model import GraphCost, balance_for, step_time_ratio
 from .blocks import compose_states, find_repeated_blocks, one_block_per_run
 from .capture import capture_analyses
@@ -59,8 +59,11 @@ def plan(
     recomputes more in backward) are searched for the largest at which the solver can fit the
     budget, the graphs analysed at each tried: the least recompute that fits (recompute is what
     costs time, sampling saves some), and at that budget the least-variance ratios. The largest
-    is tried first (most budgets need no recompute), then the others from the top, galloping
-    (:func:`wtacompile.solver.largest_fitting`). A budget dense training
+    is tried first (most budgets need no recompute), then the others from the top
+    (:func:`wtacompile.solver.first_fitting`: a predicted peak is not monotone in the budget).
+    Where the largest that fits stays dense (its sampled partition would save more than its
+    dense one), the largest lower budget that fits with sampling is found too, and the plan
+    predicted faster taken. A budget dense training
     fits is planned exact at partitioner budget 1; ``activation_budgets=(1.0,)`` plans sampling
     alone. Below budget 1 the model is traced whole (``compose_blocks`` applies at budget 1 only):
     the partitioner's knapsack spreads its budget unevenly over identical blocks, and a plan
@@ -109,9 +112,7 @@ def plan(
         inputs = default_example_inputs(model, trace_batch, seq_len)
     search = batch_size is None
     # A 7B-shaped model traces for tens of seconds: say what is happening (silent off a terminal).
-    # Stages: budget 1, then (galloping, then bisecting) up to about twice log2 of the others.
-    stages = 1 + 2 * (len(budgets) - 1).bit_length()
-    with tqdm(total=2 * stages, desc="wtacompile.plan", unit="stage", disable=None, leave=False) as progress:
+    with tqdm(total=2 * len(budgets), desc="wtacompile.plan", unit="stage", disable=None, leave=False) as progress:
         dense: list[list[CompileState]] = []  # the first budget's graphs: the baseline
         tried: list[Plan] = []
 
@@ -135,8 +136,22 @@ def plan(
         first = attempt(budgets[0])
         if first is not None or len(budgets) == 1 or _state_alone(tried[-1]) > budget:
             return tried[-1]  # (no recompute shrinks parameters, gradients and optimizer state)
-        found = largest_fitting(budgets[1:], attempt, galloping=True)
-        return found[1] if found else tried[-1]  # nothing fits: the smallest budget's plan
+        found = first_fitting(budgets[1:], attempt)
+        if found is None:
+            return tried[-1]  # nothing fits: the smallest budget's plan
+        if not found[1].keep_ratios:
+            # It stays dense there (sampling would add bytes: adds-memory), torch's own choice.
+            # Sampling at a lower budget may still be faster; the time model decides.
+            lower = [b for b in budgets if b < found[0]]
+            sampled = first_fitting(lower, lambda b: _sampling(attempt(b)))
+            if sampled is not None and sampled[1].predicted_step_time < found[1].predicted_step_time:
+                return sampled[1]
+        return found[1]
+
+
+def _sampling(plan: Plan | None) -> Plan | None:
+    """``plan`` if it fits and samples something, else ``None``."""
+    return plan if plan is not None and plan.keep_ratios else None
 
 
 def _state_alone(plan: Plan) -> int:
