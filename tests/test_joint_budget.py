@@ -121,6 +121,32 @@ def test_budget_search_answers_with_the_largest_success_and_only_a_success(searc
     assert find((), lambda b: b) is None
 
 
+def test_a_dense_answer_gives_way_to_sampling_lower_only_where_predicted_faster():
+    """At 0.9 (the largest that fits) the graph stays dense; 0.8 fits with sampling. The lower
+    budget is taken only if the time model says it is faster, and nothing that does not fit."""
+    from wtacompile.solver import fastest_fitting
+
+    menu = (0.9, 0.8, 0.7)
+
+    def outcomes(times):  # budget -> (samples, predicted time); 0.7 does not fit
+        table = {0.9: (False, times[0]), 0.8: (True, times[1])}
+        return lambda b: table.get(b)
+
+    def samples(result):
+        return result[0]
+
+    def step_time(result):
+        return result[1]
+
+    assert fastest_fitting(menu, outcomes((1.0, 0.86)), samples, step_time) == (0.8, (True, 0.86))
+    assert fastest_fitting(menu, outcomes((0.9, 0.95)), samples, step_time) == (0.9, (False, 0.9))
+    # A sampling answer at the largest budget that fits is the answer: nothing lower is tried.
+    tried = []
+    assert fastest_fitting(menu, lambda b: tried.append(b) or (True, 0.9), samples, step_time) == (0.9, (True, 0.9))
+    assert tried == [0.9]
+    assert fastest_fitting(menu, lambda b: None, samples, step_time) is None
+
+
 # --- options and plans carry the budget ------------------------------------------------------
 
 

@@ -43,7 +43,7 @@ from wtacompile.lower import compile_graph
 from wtacompile.passes import ANALYSIS_PASSES, BudgetNotMet, CompileState, choose_ratios, rewrite_sampled, run_passes
 from wtacompile.report import GraphReport, record
 from wtacompile.sites import sampled_linear
-from wtacompile.solver import DEFAULT_BUDGET_MENU, first_fitting
+from wtacompile.solver import DEFAULT_BUDGET_MENU, fastest_fitting
 from wtacompile.time_model import SampledLinear, balance_for, step_time_ratio
 
 __all__ = ["partitioner_menu", "wtacrs_backend"]
@@ -116,7 +116,8 @@ def _analyse_and_decide(gm: fx.GraphModule, state: CompileState, example_inputs
     """The analysis passes and :func:`choose_ratios` at the largest budget of
     :func:`partitioner_menu` where the decision fits (only ``mem_gb`` can miss; its first budget
     is tried first, then the rest from the top; where the answer stays dense, the largest
-    lower budget that fits with sampling is taken instead if predicted faster), and the
+    lower budget that fits with sampling is taken instead if predicted faster:
+    :func:`wtacompile.solver.fastest_fitting`), and the
     decision's predicted step time relative to this graph's dense training at the first budget."""
     menu = partitioner_menu(state.config)
     if state.budget is not None and len(menu) > 1:
@@ -154,19 +155,10 @@ def _analyse_and_decide(gm: fx.GraphModule, state: CompileState, example_inputs
         return step_time_ratio((decided.analysis.cost,), _sampled_linears(decided), (reference.cost,),
                                balance_for(_device_type(example_inputs)))
 
-    def sampling(decided: CompileState | None) -> CompileState | None:
-        return decided if decided is not None and _sampled_linears(decided) else None
-
     budget, decided = menu[0], attempt(menu[0])
     if decided is None and len(menu) > 1:
-        budget, decided = first_fitting(menu[1:], attempt) or (None, None)
-        if decided is not None and not sampling(decided):
-            # It stays dense there (sampling would add bytes), torch's own choice; sampling at a
-            # lower budget may still be faster: the time model decides.
-            lower = [b for b in menu if b < budget]
-            alternative = first_fitting(lower, lambda b: sampling(attempt(b)))
-            if alternative is not None and step_time(alternative[1]) < step_time(decided):
-                budget, decided = alternative
+        budget, decided = fastest_fitting(menu[1:], attempt, lambda d: bool(_sampled_linears(d)),
+                                          step_time) or (None, None)
     if decided is None:
         raise failures[-1]  # the last attempt was at the smallest budget: the least recompute
     if ledger is not None:

@@ -23,7 +23,7 @@ from wtacompile.lower import target_device
 from wtacompile.memory_model import MemoryModel, format_bytes, parameter_bytes
 from wtacompile.passes import CompileState
 from wtacompile.sites import FREES, sampled_linear
-from wtacompile.solver import DEFAULT_BUDGET_MENU, DEFAULT_MENU, Solution, first_fitting, solve
+from wtacompile.solver import DEFAULT_BUDGET_MENU, DEFAULT_MENU, Solution, fastest_fitting, solve
 from wtacompile.time_model import GraphCost, balance_for, step_time_ratio
 from .blocks import compose_states, find_repeated_blocks, one_block_per_run
 from .capture import capture_analyses
@@ -63,7 +63,7 @@ def plan(
     (:func:`wtacompile.solver.first_fitting`: a predicted peak is not monotone in the budget).
     Where the largest that fits stays dense (its sampled partition would save more than its
     dense one), the largest lower budget that fits with sampling is found too, and the plan
-    predicted faster taken. A budget dense training
+    predicted faster taken (:func:`wtacompile.solver.fastest_fitting`). A budget dense training
     fits is planned exact at partitioner budget 1; ``activation_budgets=(1.0,)`` plans sampling
     alone. Below budget 1 the model is traced whole (``compose_blocks`` applies at budget 1 only):
     the partitioner's knapsack spreads its budget unevenly over identical blocks, and a plan
@@ -96,9 +96,10 @@ def plan(
     """
     _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size)
     budgets = _check_budgets(activation_budgets) if inner != "eager" else (1.0,)  # eager: no partitioner
-    # match_budget_bytes off: each budget is analysed at itself, the tier that fits the plan's bytes.
+    # match_budget_bytes off: each budget is analysed at itself, the one that fits the plan's
+    # bytes. mem_gb: the budgets are the search's, not the user's (the analysis says so in info).
     config = WTAConfig(keep_ratio=0.3, min_rows=min_rows, include=include, exclude=exclude,
-                       inner=inner, optimizer=optimizer, match_budget_bytes=False)
+                       inner=inner, optimizer=optimizer, match_budget_bytes=False, mem_gb=mem_gb)
     planned_device = device_type or _device_of(model)
     balance = balance_for(planned_device)
     budget = int(mem_gb * 1e9)
@@ -136,22 +137,9 @@ def plan(
         first = attempt(budgets[0])
         if first is not None or len(budgets) == 1 or _state_alone(tried[-1]) > budget:
             return tried[-1]  # (no recompute shrinks parameters, gradients and optimizer state)
-        found = first_fitting(budgets[1:], attempt)
-        if found is None:
-            return tried[-1]  # nothing fits: the smallest budget's plan
-        if not found[1].keep_ratios:
-            # It stays dense there (sampling would add bytes: adds-memory), torch's own choice.
-            # Sampling at a lower budget may still be faster; the time model decides.
-            lower = [b for b in budgets if b < found[0]]
-            sampled = first_fitting(lower, lambda b: _sampling(attempt(b)))
-            if sampled is not None and sampled[1].predicted_step_time < found[1].predicted_step_time:
-                return sampled[1]
-        return found[1]
-
-
-def _sampling(plan: Plan | None) -> Plan | None:
-    """``plan`` if it fits and samples something, else ``None``."""
-    return plan if plan is not None and plan.keep_ratios else None
+        found = fastest_fitting(budgets[1:], attempt, lambda p: bool(p.keep_ratios),
+                                lambda p: p.predicted_step_time)
+        return found[1] if found else tried[-1]  # nothing fits: the smallest budget's plan
 
 
 def _state_alone(plan: Plan) -> int:
