@@ -122,29 +122,52 @@ def test_budget_search_answers_with_the_largest_success_and_only_a_success(searc
 
 
 def test_a_dense_answer_gives_way_to_sampling_lower_only_where_predicted_faster():
-    """At 0.9 (the largest that fits) the graph stays dense; 0.8 fits with sampling. The lower
-    budget is taken only if the time model says it is faster, and nothing that does not fit."""
+    """At 0.9 (the largest that fits) the graph stays dense. The next lower budget that fits is
+    taken only if it samples and the time model says it is faster; nothing further down is tried,
+    and nothing that does not fit is ever the answer."""
     from wtacompile.solver import fastest_fitting
 
-    menu = (0.9, 0.8, 0.7)
+    menu = (0.9, 0.8, 0.7, 0.6)
 
-    def outcomes(times):  # budget -> (samples, predicted time); 0.7 does not fit
-        table = {0.9: (False, times[0]), 0.8: (True, times[1])}
-        return lambda b: table.get(b)
+    def search(table):  # budget -> (samples, predicted time); absent: does not fit
+        tried = []
 
-    def samples(result):
-        return result[0]
+        def attempt(budget):
+            tried.append(budget)
+            return table.get(budget)
 
-    def step_time(result):
-        return result[1]
+        return fastest_fitting(menu, attempt, lambda r: r[0], lambda r: r[1]), tried
 
-    assert fastest_fitting(menu, outcomes((1.0, 0.86)), samples, step_time) == (0.8, (True, 0.86))
-    assert fastest_fitting(menu, outcomes((0.9, 0.95)), samples, step_time) == (0.9, (False, 0.9))
+    assert search({0.9: (False, 1.0), 0.8: (True, 0.86)}) == ((0.8, (True, 0.86)), [0.9, 0.8])
+    assert search({0.9: (False, 0.9), 0.8: (True, 0.95)})[0] == (0.9, (False, 0.9))  # slower: kept
+    # 0.8 does not fit, 0.7 does and samples: the next lower budget that fits is 0.7.
+    assert search({0.9: (False, 1.0), 0.7: (True, 0.9)})[0] == (0.7, (True, 0.9))
+    # The next lower that fits stays dense too: stop there, keep the larger budget.
+    found, tried = search({0.9: (False, 1.0), 0.8: (False, 1.1), 0.7: (True, 0.5)})
+    assert found == (0.9, (False, 1.0)) and tried == [0.9, 0.8]
+    # Nothing lower fits: the dense answer stands.
+    assert search({0.9: (False, 1.0)})[0] == (0.9, (False, 1.0))
     # A sampling answer at the largest budget that fits is the answer: nothing lower is tried.
-    tried = []
-    assert fastest_fitting(menu, lambda b: tried.append(b) or (True, 0.9), samples, step_time) == (0.9, (True, 0.9))
-    assert tried == [0.9]
-    assert fastest_fitting(menu, lambda b: None, samples, step_time) is None
+    found, tried = search({0.9: (True, 0.9), 0.8: (True, 0.5)})
+    assert found == (0.9, (True, 0.9)) and tried == [0.9]
+    assert search({})[0] is None
+
+
+def test_the_ledger_puts_back_what_it_held():
+    from wtacompile.compiled_models import BudgetLedger
+
+    ledger, graph, other = BudgetLedger(), frozenset({1}), frozenset({2})
+    empty = ledger.entry(graph)
+    ledger.commit(other, 50, {"b": 0.3}, 0.7)
+    ledger.commit(graph, 100, {"w": 0.5}, 0.8)
+    held = ledger.entry(graph)
+    ledger.commit(graph, 60, {"w": 0.1})  # another attempt, without a partitioner budget
+    ledger.restore(graph, held)
+    assert ledger.entry(graph) == held and ledger.earlier_partitioner_budget(graph) == 0.8
+    assert ledger.earlier_ratios(graph) == {"w": 0.5} and ledger.committed_by_others(other) == 100
+    ledger.restore(graph, empty)  # as before any commit: nothing of it left
+    assert ledger.earlier_ratios(graph) == {} and ledger.earlier_partitioner_budget(graph) is None
+    assert ledger.committed_by_others(other) == 0 and ledger.committed_by_others(graph) == 50
 
 
 # --- options and plans carry the budget ------------------------------------------------------
@@ -221,9 +244,11 @@ def test_sampling_alone_first_then_recompute_when_it_cannot_fit(llama_budgets):
     assert not alone.fits
     joint = plan(model, below, example_inputs=batch, inner="aot_eager")
     assert joint.fits and joint.activation_memory_budget < 1.0, str(joint)
-    # The least recompute that fits: the next budget up on the menu does not.
-    above = round(joint.activation_memory_budget + 0.1, 1)
-    assert not plan(model, below, example_inputs=batch, inner="aot_eager", activation_budgets=(above,)).fits
+    # The least recompute that fits: the next budget up on the menu does not, or it fits only
+    # dense and the joint plan is predicted faster (fastest_fitting).
+    above = plan(model, below, example_inputs=batch, inner="aot_eager",  # both relative to dense at 1
+                 activation_budgets=(1.0, round(joint.activation_memory_budget + 0.1, 1)))
+    assert not above.fits or (not above.keep_ratios and joint.predicted_step_time < above.predicted_step_time)
     assert joint.peak_bytes <= below * 1e9 < alone.peak_bytes
     assert joint.baseline_peak_bytes == ample.baseline_peak_bytes  # baseline: dense at budget 1
     assert f"activation_memory_budget={joint.activation_memory_budget:g}" in str(joint)

@@ -11,7 +11,8 @@ at another partitioner budget). Under ``mem_gb`` the partitioner budget is chose
 ratios: the analysis and the choice run at the budgets of
 :data:`wtacompile.solver.DEFAULT_BUDGET_MENU`, from the top, to find the largest at which the
 predicted peak fits — the least recompute that fits (recompute is what costs time; sampling saves
-some), and at it the least-variance ratios. A budget dense training fits stays exact, at
+some; where that budget stays dense, the next lower one is taken if it samples and is predicted
+faster), and at it the least-variance ratios. A budget dense training fits stays exact, at
 partitioner budget 1. A partitioner budget the user set (the option, or torch's global
 ``activation_memory_budget``) is not searched; a sampled graph is compiled at it, or at a larger
 one where that saves no more than the dense partition at it (``match_budget_bytes``,
@@ -115,8 +116,8 @@ def _analyse_and_decide(gm: fx.GraphModule, state: CompileState, example_inputs
                         ) -> tuple[CompileState, float]:
     """The analysis passes and :func:`choose_ratios` at the largest budget of
     :func:`partitioner_menu` where the decision fits (only ``mem_gb`` can miss; its first budget
-    is tried first, then the rest from the top; where the answer stays dense, the largest
-    lower budget that fits with sampling is taken instead if predicted faster:
+    is tried first, then the rest from the top; where the answer stays dense, the next lower
+    budget that fits is taken instead if it samples and is predicted faster:
     :func:`wtacompile.solver.fastest_fitting`), and the
     decision's predicted step time relative to this graph's dense training at the first budget."""
     menu = partitioner_menu(state.config)

@@ -44,8 +44,9 @@ DEFAULT_MENU: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
 #: Partitioner budgets (torch's ``activation_memory_budget``) a memory budget may choose from: the
 #: largest at which the ratios can fit is the one that recomputes least. Tried from the top
 #: (:func:`first_fitting`): most memory budgets need no recompute or a little, so steps of 0.1
-#: let a user with X GB pay for no more recompute than X asks, at one analysis per step above the
-#: answer (measured in ``benchmarks/bench_joint.py``).
+#: let a user with X GB pay for no more recompute than X asks, at one analysis per step down to
+#: the answer, and one more where it stays dense (:func:`fastest_fitting`; measured in
+#: ``benchmarks/bench_joint.py``).
 DEFAULT_BUDGET_MENU: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
 Result = TypeVar("Result")
@@ -79,7 +80,8 @@ def first_fitting(budgets: Sequence[float], attempt: Callable[[float], Result | 
 
     For a predicted peak, whose fit is not monotone in the partitioner budget (the knapsack is
     lumpy: measured, torch alone peaks higher at 0.3 than at 0.4 on the frontier's Llama, whose
-    plan fits at 0.6 but not at 0.3, so a search that skipped budgets fell to 0.1): the answer
+    plan fits at 0.6 but not at 0.3, so an earlier galloping search, 0.9, 0.7, 0.3, 0.1, fell
+    to 0.1): the answer
     is the true largest, at the cost of one attempt per budget above it. When nothing fits, the last attempt is at the smallest budget.
     """
     for budget in sorted(budgets, reverse=True):
@@ -93,7 +95,8 @@ def fastest_fitting(budgets: Sequence[float], attempt: Callable[[float], Result 
                     samples: Callable[[Result], bool], step_time: Callable[[Result], float]
                     ) -> tuple[float, Result] | None:
     """The largest of ``budgets`` at which ``attempt`` succeeds (:func:`first_fitting`), unless
-    that answer samples nothing and a lower budget's answer that samples is predicted faster.
+    that answer samples nothing and the next lower budget that fits samples and is predicted
+    faster.
 
     Why: at a budget just below 1 a sampled partition can save more than the dense one (its
     knapsack balances a smaller range of bytes), so the largest budget that fits is compiled
@@ -104,13 +107,12 @@ def fastest_fitting(budgets: Sequence[float], attempt: Callable[[float], Result 
     found = first_fitting(budgets, attempt)
     if found is None or samples(found[1]):
         return found
-
-    def attempt_sampling(budget: float) -> Result | None:
-        result = attempt(budget)
-        return result if result is not None and samples(result) else None
-
-    lower = first_fitting([b for b in budgets if b < found[0]], attempt_sampling)
-    return lower if lower is not None and step_time(lower[1]) < step_time(found[1]) else found
+    # Only the next lower budget that fits: where it stays dense too (the solver found exact
+    # enough), budgets further down would recompute more for nothing — one attempt, not eight.
+    lower = first_fitting([b for b in budgets if b < found[0]], attempt)
+    if lower is not None and samples(lower[1]) and step_time(lower[1]) < step_time(found[1]):
+        return lower
+    return found
 
 
 @dataclass(frozen=True)

@@ -62,8 +62,8 @@ def plan(
     is tried first (most budgets need no recompute), then the others from the top
     (:func:`wtacompile.solver.first_fitting`: a predicted peak is not monotone in the budget).
     Where the largest that fits stays dense (its sampled partition would save more than its
-    dense one), the largest lower budget that fits with sampling is found too, and the plan
-    predicted faster taken (:func:`wtacompile.solver.fastest_fitting`). A budget dense training
+    dense one), the next lower budget that fits is tried too, and taken if it samples and is
+    predicted faster (:func:`wtacompile.solver.fastest_fitting`). A budget dense training
     fits is planned exact at partitioner budget 1; ``activation_budgets=(1.0,)`` plans sampling
     alone. Below budget 1 the model is traced whole (``compose_blocks`` applies at budget 1 only):
     the partitioner's knapsack spreads its budget unevenly over identical blocks, and a plan
