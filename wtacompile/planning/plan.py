@@ -113,11 +113,13 @@ def plan(
         inputs = default_example_inputs(model, trace_batch, seq_len)
     search = batch_size is None
     # A 7B-shaped model traces for tens of seconds: say what is happening (silent off a terminal).
-    with tqdm(total=2 * len(budgets), desc="wtacompile.plan", unit="stage", disable=None, leave=False) as progress:
-        dense: list[list[CompileState]] = []  # the first budget's graphs: the baseline
+    with tqdm(total=2 * len(budgets), desc="wtacompile.plan", unit="stage", disable=None,
+              leave=False) as progress:
+        dense: list[CompileState] | None = None  # the first budget's graphs: the baseline
         tried: list[Plan] = []
 
         def attempt(partitioner: float) -> Plan | None:
+            nonlocal dense
             progress.set_postfix_str(f"tracing and analysing the training graphs "
                                      f"(activation_memory_budget {partitioner:g})")
             # Below budget 1 the knapsack does not treat the copies of a block alike (of six
@@ -125,11 +127,10 @@ def plan(
             with target_device(planned_device):  # a meta model traces on CPU fakes, planned for a GPU
                 states = _capture(model, inputs, dataclasses.replace(config, activation_memory_budget=partitioner),
                                   trace_batch if search else None, compose_blocks and partitioner >= 1.0)
-            if not dense:
-                dense.append(states)
+            dense = dense or states
             progress.update()
             progress.set_postfix_str("searching the largest batch" if search else "solving")
-            tried.append(_solve_plan(model, states, dense[0], partitioner, balance, budget, mem_gb, batch_size,
+            tried.append(_solve_plan(model, states, dense, partitioner, balance, budget, mem_gb, batch_size,
                                      seq_len, trace_batch, optimizer, menu, min_rows, max_batch, world_size))
             progress.update()
             return tried[-1] if tried[-1].fits else None
