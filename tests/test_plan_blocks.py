@@ -16,11 +16,11 @@ from wtacompile.planning.plan import _largest_near
 
 def _plans(model, **kwargs):
     """(full trace, composed) plans at a budget between the dense peak and the least reachable."""
-    generous = plan(model, 1.0, inner="aot_eager", **kwargs)
-    budget = (generous.baseline_peak_bytes + generous.min_peak_bytes) / 2 / 1e9
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r"plan\(\)")  # composing must not fall back
-        composed = plan(model, budget, inner="aot_eager", **kwargs)
+        generous = plan(model, 1.0, inner="aot_eager", **kwargs)
+        budget = (generous.baseline_peak_bytes + generous.min_peak_bytes) / 2 / 1e9
+        composed = plan(model, budget, inner="aot_eager", **kwargs)  # reuses generous's graphs
     return plan(model, budget, compose_blocks=False, inner="aot_eager", **kwargs), composed
 
 

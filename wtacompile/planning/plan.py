@@ -27,6 +27,7 @@ from wtacompile.solver import DEFAULT_BUDGET_MENU, DEFAULT_MENU, Solution, faste
 from wtacompile.time_model import GraphCost, balance_for, step_time_ratio
 from .blocks import compose_states, find_repeated_blocks, one_block_per_run
 from .capture import capture_analyses
+from . import trace_cache
 from .inputs import default_example_inputs
 from wtacompile.plan_result import LayerPlan, Plan
 
@@ -51,6 +52,7 @@ def plan(
     compose_blocks: bool = True,
     activation_budgets: tuple[float, ...] = DEFAULT_BUDGET_MENU,
     device_type: str | None = None,
+    reuse_traces: bool = True,
 ) -> Plan:
     """Plan keep ratios and the partitioner budget so predicted peak memory fits ``mem_gb`` at the
     least step time, then the least gradient variance.
@@ -93,8 +95,16 @@ def plan(
     blocks (a transformer's layers: the first, one standing for the middle ones, the last) and
     compose the model from them (:mod:`wtacompile.planning.blocks`; the same numbers, in a
     fraction of the time); ``False`` traces every block.
+
+    ``reuse_traces``: a later plan of the same model, inputs and settings (another ``mem_gb``,
+    say) reuses the graphs this one traced and analysed, and only solves again: milliseconds
+    instead of the seconds to minutes of tracing (:mod:`wtacompile.planning.trace_cache` says
+    what must match). ``False`` traces afresh, e.g. after changing something the cache cannot
+    see, such as a monkeypatched function the model calls.
     """
     _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size)
+    if not isinstance(reuse_traces, bool):
+        raise ValueError(f"reuse_traces must be True or False, got {reuse_traces!r}")
     budgets = _check_budgets(activation_budgets) if inner != "eager" else (1.0,)  # eager: no partitioner
     # match_budget_bytes off: each budget is analysed at itself, the one that fits the plan's
     # bytes. mem_gb: the budgets are the search's, not the user's (the analysis says so in info).
@@ -122,11 +132,23 @@ def plan(
             nonlocal dense
             progress.set_postfix_str(f"tracing and analysing the training graphs "
                                      f"(activation_memory_budget {partitioner:g})")
+            at_budget = dataclasses.replace(config, activation_memory_budget=partitioner)
+            symbolic_batch = trace_batch if search else None
             # Below budget 1 the knapsack does not treat the copies of a block alike (of six
             # identical inputs it may keep four), so a few traced blocks do not compose.
-            with target_device(planned_device):  # a meta model traces on CPU fakes, planned for a GPU
-                states = _capture(model, inputs, dataclasses.replace(config, activation_memory_budget=partitioner),
-                                  trace_batch if search else None, compose_blocks and partitioner >= 1.0)
+            composed = compose_blocks and partitioner >= 1.0
+
+            def capture() -> list[CompileState]:
+                with target_device(planned_device):  # a meta model traces on CPU fakes, planned for a GPU
+                    return _capture(model, inputs, at_budget, symbolic_batch, composed)
+
+            if reuse_traces:
+                states, reused = trace_cache.cached_capture(model, lambda: trace_cache.trace_key(
+                    model, inputs, at_budget, symbolic_batch, composed, planned_device), capture)
+                if reused:
+                    progress.set_postfix_str("reusing the graphs an earlier plan traced")
+            else:
+                states = capture()
             dense = dense or states
             progress.update()
             progress.set_postfix_str("searching the largest batch" if search else "solving")

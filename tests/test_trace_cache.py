@@ -1,0 +1,105 @@
+"""plan() reuses an earlier plan's analysed graphs only where nothing that shapes them changed."""
+
+import sys
+
+import pytest
+import torch
+
+from hf_models import build
+from wtacompile import plan
+from wtacompile.planning import trace_cache
+
+AOT = {"inner": "aot_eager"}
+
+
+@pytest.fixture
+def captures(monkeypatch):
+    """How many times plan() traced a model (each call of the planner's capture)."""
+    module = sys.modules["wtacompile.planning.plan"]
+    calls = []
+    real = module._capture
+
+    def counted(*args, **kwargs):
+        calls.append(args[3:])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_capture", counted)
+    trace_cache.clear()
+    yield calls
+    trace_cache.clear()
+
+
+def test_another_budget_reuses_the_graphs_and_plans_as_a_fresh_trace(captures):
+    model, batch = build("llama")
+    generous = plan(model, 1.0, example_inputs=batch, **AOT)
+    assert generous.fits and not generous.keep_ratios
+    budget = (generous.baseline_peak_bytes + generous.min_peak_bytes) / 2 / 1e9
+    tight = plan(model, budget, example_inputs=batch, **AOT)
+    assert len(captures) == 1  # traced once for both
+    assert tight.keep_ratios and tight.peak_bytes <= budget * 1e9
+    fresh = plan(model, budget, example_inputs=batch, reuse_traces=False, **AOT)
+    assert len(captures) == 2
+    assert fresh == tight
+    # Equal inputs made anew (another tensor, same values) are the same inputs.
+    plan(model, budget, example_inputs={k: v.clone() for k, v in batch.items()}, **AOT)
+    assert len(captures) == 2
+
+
+def _freeze_embeddings(model, batch):
+    model.get_input_embeddings().weight.requires_grad_(False)
+    return batch
+
+
+def _eval_mode(model, batch):
+    model.eval()
+    return batch
+
+
+def _longer_inputs(model, batch):
+    return {k: torch.cat([v, v], dim=1) for k, v in batch.items()}
+
+
+def _other_values(model, batch):
+    mask = torch.ones_like(batch["input_ids"])
+    mask[0, -4:] = 0  # padding: Hugging Face's attention takes another path than without
+    return dict(batch, attention_mask=mask)
+
+
+def _checkpointing(model, batch):
+    model.gradient_checkpointing_enable()
+    return batch
+
+
+def _cast(model, batch):
+    model.to(torch.bfloat16)
+    return batch
+
+
+@pytest.mark.parametrize("change", [_freeze_embeddings, _eval_mode, _longer_inputs, _other_values,
+                                    _checkpointing, _cast])
+def test_a_changed_model_or_input_is_traced_again(captures, change):
+    model, batch = build("llama")
+    if change is _other_values:
+        batch = dict(batch, attention_mask=torch.ones_like(batch["input_ids"]))
+    plan(model, 1.0, example_inputs=batch, **AOT)
+    batch = change(model, batch)
+    plan(model, 1.0, example_inputs=batch, **AOT)
+    assert len(captures) == 2, change.__name__
+
+
+def test_other_settings_trace_again(captures):
+    model, batch = build("llama")
+    plan(model, 1.0, example_inputs=batch, **AOT)
+    plan(model, 1.0, example_inputs=batch, min_rows=4, **AOT)  # another analysis setting
+    plan(model, 1.0, example_inputs=batch, inner="inductor")  # another inner compiler's decompositions
+    plan(model, 1.0, example_inputs=batch, compose_blocks=False, **AOT)
+    assert len(captures) == 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plan(model, 1.0, example_inputs=batch, **AOT)
+    assert len(captures) == 5
+
+
+def test_reuse_traces_is_validated():
+    model, batch = build("llama")
+    with pytest.raises(ValueError, match="reuse_traces must be True or False"):
+        plan(model, 1.0, example_inputs=batch, reuse_traces="yes")
