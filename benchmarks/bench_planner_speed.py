@@ -9,7 +9,7 @@ pays to trace) and a plan at another budget (40 GB), which reuses the first plan
 
 Shapes: Llama-2-7B (32 layers, 4096/11008, bf16, seq 2048) at batch 1 and with the max-batch
 search, the same with LoRA (PEFT, r=16 on q/v), and a 70B shape (80 layers, 8192/28672, GQA with 8
-kv heads) with the search; budget 80 GB.
+kv heads) with the search, with and without LoRA; budget 80 GB.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ SHAPES = {
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                 num_attention_heads=64, num_key_value_heads=8),
 }
-CASES = [("7b", "batch 1", False), ("7b", "search", False), ("7b", "search", True), ("70b", "search", False)]
+CASES = [("7b", "batch 1", False), ("7b", "search", False), ("7b", "search", True), ("70b", "search", False),
+         ("70b", "search", True)]
 
 CHILD = r"""
 import json, sys, time, torch, transformers as tf

@@ -102,6 +102,24 @@ def test_meta_model_allocates_nothing_and_lora_counts_only_adapters():
     assert all(layer.weight.split("#")[0] in names for layer in lora.layers)  # PEFT's own names
 
 
+def test_default_inputs_turn_the_kv_cache_off_through_a_peft_wrapper():
+    """PEFT's forward takes **kwargs; without use_cache=False passed through it, the wrapped
+    model builds a KV cache of every layer inside the traced training step."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    from wtacompile.planning import default_example_inputs
+
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = tf.LlamaForCausalLM(cfg)
+    assert default_example_inputs(model, 2, 8)["use_cache"] is False
+    wrapped = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    inputs = default_example_inputs(wrapped, 2, 8, device="cpu")
+    assert inputs["use_cache"] is False and "labels" in inputs
+    assert wrapped(**inputs).past_key_values is None
+
+
 def test_backend_mem_gb_option():
     model, batch = build("llama")
     batch = _batch4(batch)

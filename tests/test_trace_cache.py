@@ -103,3 +103,85 @@ def test_reuse_traces_is_validated():
     model, batch = build("llama")
     with pytest.raises(ValueError, match="reuse_traces must be True or False"):
         plan(model, 1.0, example_inputs=batch, reuse_traces="yes")
+
+
+def test_replaced_hooks_forwards_and_torch_settings_trace_again(captures):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, batch = build("llama")
+    layer = model.model.layers[0]
+    handle = layer.register_forward_hook(lambda module, args, out: None)
+    plan(model, 1.0, example_inputs=batch, **AOT)
+    handle.remove()
+    layer.register_forward_hook(lambda module, args, out: None)  # another hook, same count
+    plan(model, 1.0, example_inputs=batch, **AOT)
+    assert len(captures) == 2
+    with sdpa_kernel([SDPBackend.MATH]):  # the math kernel saves the attention probabilities
+        plan(model, 1.0, example_inputs=batch, **AOT)
+    assert len(captures) == 3
+    with torch._functorch.config.patch(donated_buffer=not torch._functorch.config.donated_buffer):
+        plan(model, 1.0, example_inputs=batch, **AOT)
+    assert len(captures) == 4
+    model.config._attn_implementation = "eager"
+    plan(model, 1.0, example_inputs=batch, **AOT)
+    assert len(captures) == 5
+
+    def first(hidden_states, *args, **kwargs):
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)
+
+    def second(hidden_states, *args, **kwargs):
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)
+
+    layer.forward = first
+    plan(model, 1.0, example_inputs=batch, **AOT)
+    layer.forward = second
+    plan(model, 1.0, example_inputs=batch, **AOT)
+    assert len(captures) == 7
+    layer.forward = first  # the very function of an earlier plan: reused
+    plan(model, 1.0, example_inputs=batch, **AOT)
+    assert len(captures) == 7
+
+
+def test_merged_peft_adapters_trace_again(captures):
+    from peft import LoraConfig, get_peft_model
+
+    model, batch = build("llama")
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    assert plan(model, 1.0, example_inputs=batch, **AOT).layers
+    model.merge_adapter()  # the adapters leave the forward: nothing left to train
+    with pytest.raises(ValueError, match="no training graph"):
+        plan(model, 1.0, example_inputs=batch, **AOT)
+    assert len(captures) == 2
+
+
+def test_objects_told_apart_by_identity_must_be_the_very_ones():
+    import gc
+
+    from wtacompile.config import WTAConfig
+
+    class Opaque:
+        pass
+
+    model, calls = torch.nn.Linear(2, 2), []
+
+    def capture():
+        calls.append(1)
+        return []
+
+    def key(obj):
+        return lambda: trace_cache.trace_key(model, {"x": torch.ones(2), "options": obj}, WTAConfig(), None,
+                                             True, "cpu")
+
+    a = Opaque()
+    assert trace_cache.cached_capture(model, key(a), capture) == ([], False)
+    assert trace_cache.cached_capture(model, key(a), capture) == ([], True)
+    trace_cache.cached_capture(model, key(Opaque()), capture)  # another object
+    assert len(calls) == 2
+    del a
+    gc.collect()
+    for _ in range(3):  # a new object at a freed one's address is still another object
+        trace_cache.cached_capture(model, key(Opaque()), capture)
+    assert len(calls) == 5
+    sparse = torch.eye(2).to_sparse()  # a key that cannot be made: traced, nothing kept
+    assert trace_cache.trace_key(model, {"x": sparse}, WTAConfig(), None, True, "cpu") is None
+    trace_cache.clear()

@@ -35,6 +35,10 @@ def default_example_inputs(model: torch.nn.Module, batch_size: int, seq_len: int
             inputs["labels"] = torch.zeros(batch_size, dtype=torch.long, device=device)
         else:
             inputs["labels"] = ids
-    if "use_cache" in params:
-        inputs["use_cache"] = False  # training: no KV cache
+    # Training: no KV cache. A wrapper that takes **kwargs (a PEFT model) passes it on to the
+    # model it wraps; left out there, that model builds a cache of every layer (the trace then
+    # grows with the depth, and returns the keys and values).
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "use_cache" in params or (takes_kwargs and getattr(config, "use_cache", None) is not None):
+        inputs["use_cache"] = False
     return inputs
