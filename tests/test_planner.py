@@ -157,6 +157,32 @@ def test_cli(tmp_path, capsys):
     assert Plan.from_json(out.read_text()).fits
 
 
+def test_cli_sweeps_several_budgets_over_one_trace(tmp_path, capsys, monkeypatch):
+    from wtacompile.cli import main
+    from wtacompile.planning import trace_cache
+
+    tiny = ["llama", "--seq-len", "64", "--dtype", "fp32", "--set", "hidden_size=64",
+            "--set", "intermediate_size=128", "--set", "num_hidden_layers=2", "--set", "num_attention_heads=4",
+            "--set", "num_key_value_heads=4", "--set", "vocab_size=256", "--no-recompute"]
+    captured = []
+    real = trace_cache.cached_capture
+
+    def counting(model, key, capture):
+        states, reused = real(model, key, capture)
+        captured.append(reused)
+        return states, reused
+
+    monkeypatch.setattr(trace_cache, "cached_capture", counting)
+    code = main(["plan", *tiny, "--mem-gb", "0.02", "0.05"])
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["0.02"], ["0.05"])]
+    assert code == 0 and [line[:2] for line in lines] == [["0.02", "yes"], ["0.05", "yes"]]
+    assert int(lines[0][2]) < int(lines[1][2])  # a larger budget, a larger batch
+    assert captured == [False, True]  # traced once, reused for the second budget
+    with pytest.raises(SystemExit) as error:  # one plan to write, two asked for
+        main(["plan", *tiny, "--mem-gb", "0.02", "0.05", "--json", str(tmp_path / "p.json")])
+    assert error.value.code == 2 and "give one --mem-gb" in capsys.readouterr().err
+
+
 def test_llama_7b_shaped_plan():
     """A full-size plan on a meta model (its time is in benchmarks/bench_planner_speed.py, not here)."""
     import transformers as tf

@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="plan keep ratios for a memory budget")
     p.add_argument("config", help="config.json path, a folder with one, or a model type (llama, bert, ...)")
-    p.add_argument("--mem-gb", type=_positive(float), required=True, help="memory budget in GB (1e9 bytes)")
+    p.add_argument("--mem-gb", type=_positive(float), required=True, nargs="+", metavar="GB",
+                   help="memory budget in GB (1e9 bytes); several: one line each (the model is traced "
+                        "once for all), exit status 0 only if every one fits")
     p.add_argument("--seq-len", type=_positive(int), default=2048)
     p.add_argument("--batch-size", type=_positive(int), default=None, help="default: the largest that fits")
     p.add_argument("--lora-rank", type=_positive(int), default=None,
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the plan as JSON here")
     p.add_argument("--plot", type=Path, help="also draw the plan here (PNG/SVG/PDF; needs matplotlib)")
     args = parser.parse_args(argv)
+    if len(args.mem_gb) > 1 and (args.json or args.plot):
+        p.error("--json and --plot describe one plan: give one --mem-gb with them")
 
     from wtacompile.planning import plan
 
@@ -154,18 +158,38 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{type(model).__name__}: {n_params / 1e9:.2f}B parameters, {n_train / 1e6:.1f}M trainable; "
-          f"planning for {args.mem_gb:g} GB ...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
+          f"planning for {', '.join(f'{gb:g}' for gb in args.mem_gb)} GB ...", file=sys.stderr, flush=True)
     budgets = (1.0,) if args.no_recompute else DEFAULT_BUDGET_MENU
-    result = plan(model, args.mem_gb, batch_size=args.batch_size, seq_len=args.seq_len,
-                  optimizer=args.optimizer, activation_budgets=budgets)
-    print(result)
-    print(f"(planned in {time.perf_counter() - start:.1f} s)", file=sys.stderr)
-    if args.json:
-        args.json.write_text(result.to_json())
-    if args.plot:
-        result.plot(args.plot)
-    return 0 if result.fits else 1
+    results = []
+    for mem_gb in args.mem_gb:  # later budgets reuse the graphs the first one traced
+        start = time.perf_counter()
+        results.append(plan(model, mem_gb, batch_size=args.batch_size, seq_len=args.seq_len,
+                            optimizer=args.optimizer, activation_budgets=budgets))
+        print(f"({mem_gb:g} GB planned in {time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    if len(results) == 1:
+        (result,) = results
+        print(result)
+        if args.json:
+            args.json.write_text(result.to_json())
+        if args.plot:
+            result.plot(args.plot)
+    else:
+        print(sweep_table(results))
+    return 0 if all(r.fits for r in results) else 1
+
+
+def sweep_table(plans) -> str:
+    """One line per plan: does it fit, at what batch and peak, with what recompute and sampling."""
+    from wtacompile.memory_model import format_bytes
+
+    header = (f"{'mem GB':>7}  {'fits':<4}  {'batch':>5}  {'largest batch (dense)':>21}  {'peak':>10}  "
+              f"{'recompute budget':>16}  {'sampled':>7}  {'step time':>9}")
+    lines = [header, "-" * len(header)]
+    for r in plans:
+        lines.append(f"{r.mem_gb:>7g}  {'yes' if r.fits else 'no':<4}  {r.batch_size:>5}  "
+                     f"{f'{r.max_batch_size} ({r.baseline_max_batch_size})':>21}  {format_bytes(r.peak_bytes):>10}  "
+                     f"{r.activation_memory_budget:>16g}  {len(r.keep_ratios):>7}  {r.predicted_step_time:>9.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
