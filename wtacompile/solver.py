@@ -81,8 +81,8 @@ def first_fitting(budgets: Sequence[float], attempt: Callable[[float], Result | 
     For a predicted peak, whose fit is not monotone in the partitioner budget (the knapsack is
     lumpy: measured, torch alone peaks higher at 0.3 than at 0.4 on the frontier's Llama, whose
     plan fits at 0.6 but not at 0.3, so an earlier galloping search, 0.9, 0.7, 0.3, 0.1, fell
-    to 0.1): the answer
-    is the true largest, at the cost of one attempt per budget above it. When nothing fits, the last attempt is at the smallest budget.
+    to 0.1): the answer is the true largest, at the cost of one attempt per budget above it.
+    When nothing fits, the last attempt is at the smallest budget.
     """
     for budget in sorted(budgets, reverse=True):
         result = attempt(budget)

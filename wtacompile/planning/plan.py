@@ -102,9 +102,7 @@ def plan(
     what must match). ``False`` traces afresh, e.g. after changing something the cache cannot
     see, such as a monkeypatched function the model calls.
     """
-    _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size)
-    if not isinstance(reuse_traces, bool):
-        raise ValueError(f"reuse_traces must be True or False, got {reuse_traces!r}")
+    _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size, reuse_traces)
     budgets = _check_budgets(activation_budgets) if inner != "eager" else (1.0,)  # eager: no partitioner
     # match_budget_bytes off: each budget is analysed at itself, the one that fits the plan's
     # bytes. mem_gb: the budgets are the search's, not the user's (the analysis says so in info).
@@ -287,9 +285,11 @@ def _step_time(states, dense_states, mm: MemoryModel, solution: Solution, scale:
                            [scaled(s.analysis.cost) for s in dense_states], balance)
 
 
-def _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size) -> None:
+def _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size, reuse_traces) -> None:
     """One ``ValueError`` per bad argument, naming the fix, before any tracing."""
     check_mem_gb(mem_gb)
+    if not isinstance(reuse_traces, bool):
+        raise ValueError(f"reuse_traces must be True or False, got {reuse_traces!r}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_batch", max_batch),
                         ("world_size", world_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
