@@ -6,10 +6,16 @@ pays to trace) and a plan at another budget (40 GB), which reuses the first plan
 
     python benchmarks/bench_planner_speed.py            # three blocks per run (the default)
     python benchmarks/bench_planner_speed.py --full     # and every block traced, for comparison
+    python benchmarks/bench_planner_speed.py --below    # and plans below partitioner budget 1 (minutes)
 
 Shapes: Llama-2-7B (32 layers, 4096/11008, bf16, seq 2048) at batch 1 and with the max-batch
 search, the same with LoRA (PEFT, r=16 on q/v), and a 70B shape (80 layers, 8192/28672, GQA with 8
 kv heads) with the search, with and without LoRA; budget 80 GB.
+
+``--below``: the 7B's largest batch at partitioner budget 0.9 (``activation_budgets=(0.9,)``),
+where the model is traced whole: the first plan, the same traced again, and a plan at budget
+0.8, which splits the joint graphs the first traced instead of tracing again (what each further
+budget of a search below 1 costs).
 """
 
 from __future__ import annotations
@@ -50,6 +56,20 @@ reused = time.perf_counter() - start
 print(json.dumps([first, again, reused, p.batch_size, p.max_batch_size, p.baseline_max_batch_size, p.peak_bytes]))
 """
 
+BELOW = r"""
+import json, sys, time, torch, transformers as tf
+from wtacompile import plan
+shape = json.loads(sys.argv[1])
+with torch.device("meta"):
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=32000, **shape)).to(torch.bfloat16)
+times, plans = [], []
+for budget, reuse in ((0.9, True), (0.9, False), (0.8, True)):
+    start = time.perf_counter()
+    plans.append(plan(model, 80, seq_len=2048, activation_budgets=(budget,), reuse_traces=reuse))
+    times.append(time.perf_counter() - start)
+print(json.dumps(times + [[p.batch_size, len(p.keep_ratios)] for p in (plans[0], plans[2])]))
+"""
+
 
 def run(shape: str, search: bool, lora: bool, compose: bool) -> list:
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps([SHAPES[shape], search, lora, compose])],
@@ -60,6 +80,7 @@ def run(shape: str, search: bool, lora: bool, compose: bool) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--full", action="store_true", help="also time the full trace (minutes)")
+    parser.add_argument("--below", action="store_true", help="also time plans below partitioner budget 1 (minutes)")
     args = parser.parse_args()
     print(f"{'shape':<6} {'case':<8} {'lora':<5} {'3 blocks/run':>14} {'again':>7} {'40 GB':>7} {'every block':>12} "
           f"{'batch':>6} {'max':>5} {'max dense':>9} {'same plan':>9}")
@@ -71,6 +92,13 @@ def main() -> None:
         print(f"{shape:<6} {case:<8} {'yes' if lora else 'no':<5} {fast[0]:>13.1f}s {fast[1]:>6.1f}s {fast[2]:>6.2f}s "
               f"{(f'{slow[0]:.1f}s' if slow else '-'):>12} {fast[3]:>6} {fast[4]:>5} {fast[5]:>9} {same:>9}",
               flush=True)
+    if args.below:
+        out = subprocess.run([sys.executable, "-c", BELOW, json.dumps(SHAPES["7b"])], capture_output=True,
+                             text=True, check=True).stdout
+        first, again, other, (batch_09, sampled_09), (batch_08, sampled_08) = json.loads(out.strip().splitlines()[-1])
+        print(f"\n7b largest batch below partitioner budget 1 (the whole model traced)\n"
+              f"{'budget 0.9 first':>17} {'again':>7} {'then 0.8':>9}   batch (sampled linears) at 0.9 / 0.8\n"
+              f"{first:>16.1f}s {again:>6.1f}s {other:>8.1f}s   {batch_09} ({sampled_09}) / {batch_08} ({sampled_08})")
 
 
 if __name__ == "__main__":

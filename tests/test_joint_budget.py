@@ -3,6 +3,7 @@
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -268,17 +269,25 @@ def test_sampling_alone_first_then_recompute_when_it_cannot_fit(llama_budgets):
     assert saved_from_plan == saved
 
 
-def test_budget_nothing_meets_names_the_recompute_it_tried(llama_budgets):
+def test_budget_nothing_meets_names_the_recompute_it_tried(llama_budgets, monkeypatch):
     model, batch, ample = llama_budgets
     b = ample.breakdown
     state_alone = b["parameters"] + b["gradients"] + b["optimizer"] + b["step_temporaries"]
     # Room for the optimizer step, none for activations: every partitioner budget is tried.
     squeezed = (state_alone + 1) / 1e9
     assert not plan(model, squeezed, example_inputs=batch, inner="aot_eager").fits
+    traces = []
+    partition_trace = sys.modules["wtacompile.analysis.partition_trace"]
+    real_trace = partition_trace.aot_trace
+    monkeypatch.setattr(partition_trace, "aot_trace", lambda *a, **k: traces.append(1) or real_trace(*a, **k))
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed,
                        match="activation_memory_budget 0.1") as info:
         torch.compile(copy.deepcopy(model), backend="wtacrs", options=dict(AOT, mem_gb=squeezed))(**batch)
     assert isinstance(info.value.inner_exception, ValueError)
+    # Ten budgets tried, three joint graphs traced: the dense one, the sampled one at budget 1
+    # (norm-only scores, at the traced sizes), the sampled one below it; every other budget
+    # splits those again.
+    assert len(traces) == 3
     # Parameters and optimizer state alone over the budget: no recompute can help, none is tried.
     torch._dynamo.reset()
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="activation_memory_budget 1\\b"):

@@ -14,16 +14,18 @@ AOT = {"inner": "aot_eager"}
 
 @pytest.fixture
 def captures(monkeypatch):
-    """How many times plan() traced a model (each call of the planner's capture)."""
+    """How many times plan() traced a model through dynamo (each call of the planner's capture:
+    from a few blocks, or the whole model)."""
     module = sys.modules["wtacompile.planning.plan"]
     calls = []
-    real = module._capture
+    for name in ("_capture", "capture_graphs"):
+        real = getattr(module, name)
 
-    def counted(*args, **kwargs):
-        calls.append(args[3:])
-        return real(*args, **kwargs)
+        def counted(*args, real=real, **kwargs):
+            calls.append(args[2:])
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "_capture", counted)
+        monkeypatch.setattr(module, name, counted)
     trace_cache.clear()
     yield calls
     trace_cache.clear()
@@ -185,3 +187,35 @@ def test_objects_told_apart_by_identity_must_be_the_very_ones():
     sparse = torch.eye(2).to_sparse()  # a key that cannot be made: traced, nothing kept
     assert trace_cache.trace_key(model, {"x": sparse}, WTAConfig(), None, True, "cpu") is None
     trace_cache.clear()
+
+
+@pytest.fixture
+def aot_traces(monkeypatch):
+    """How many times an analysis traced a graph through AOTAutograd."""
+    module = sys.modules["wtacompile.analysis.partition_trace"]
+    calls = []
+    real = module.aot_trace
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "aot_trace", counted)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_a_budget_not_tried_before_splits_the_whole_models_joint_graphs_again(captures, aot_traces, family):
+    """Below partitioner budget 1 the model is traced whole; a plan at another such budget reuses
+    dynamo's graphs and the joint graphs traced from them, splits them at its own budget, and
+    plans what a fresh trace at that budget plans."""
+    model, batch = build(family)
+    at_08 = plan(model, 1.0, example_inputs=batch, activation_budgets=(0.8,))
+    assert len(captures) == 1 and len(aot_traces) == 2  # dense and all-sampled
+    at_03 = plan(model, 1.0, example_inputs=batch, activation_budgets=(0.3,))
+    assert len(captures) == 1 and len(aot_traces) == 2  # split again, not traced again
+    assert at_03.activation_memory_budget == 0.3
+    assert at_03.breakdown["activations"] < at_08.breakdown["activations"]  # another split indeed
+    fresh = plan(model, 1.0, example_inputs=batch, activation_budgets=(0.3,), reuse_traces=False)
+    assert len(captures) == 2 and len(aot_traces) == 4
+    assert fresh == at_03

@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from wtacompile._compat import graph_root_module, parameter_names
+from wtacompile.analysis.partition_trace import reusing_joint_graphs
 from wtacompile.compiled_models import align_settings, graph_key, ledger_for, owning_model
 from wtacompile.config import WTAConfig
 from wtacompile.estimator import num_kept_rows
@@ -81,7 +82,8 @@ def wtacrs_backend(
         budget = ledger_for(model, config.fingerprint()) if config.mem_gb is not None else None
         names = MappingProxyType(parameter_names(model) if model is not None else {})
         state = CompileState(config, tuple(example_inputs), budget=budget, parameter_names=names)
-        state, step_time = _analyse_and_decide(gm, state, example_inputs)
+        with reusing_joint_graphs():  # each partitioner budget tried splits one traced joint graph
+            state, step_time = _analyse_and_decide(gm, state, example_inputs)
         state = rewrite_sampled(gm, state)
         _warn_checkpointed(state.sites)
         report = GraphReport.build(graph_id, config.fingerprint(), True, state.sites, state.decisions,

@@ -7,13 +7,21 @@ and the same pinned min-cut partitioner (:func:`wtacompile.lower.pinned_min_cut_
 the same partitioner budget (:func:`wtacompile.lower.partitioner_budget`) — below budget 1 after
 Inductor's own joint-graph passes, as Inductor partitions — so it sees the saved set the real
 compile will produce.
+
+Tracing is most of an analysis's cost, and the joint graph does not depend on the partitioner
+budget; only its split does. Within :func:`reusing_joint_graphs` a graph traced once is split
+again at another budget without tracing it again (a plan or a ``mem_gb`` compile that tries
+several budgets).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -24,7 +32,30 @@ from wtacompile.lower import (WIDENED_FROM, effective_partitioner_budget, partit
                               pinned_min_cut_partition, widens_masks)
 from wtacompile.solver import largest_fitting
 
-__all__ = ["PartitionTrace", "copy_module", "trace_largest_fitting", "trace_partition"]
+__all__ = ["JointGraphs", "PartitionTrace", "copy_module", "reusing_joint_graphs", "trace_largest_fitting",
+           "trace_partition"]
+
+#: Joint graphs traced so far, by :func:`_joint_key`, while :func:`reusing_joint_graphs` is on.
+JointGraphs = dict[tuple, tuple[fx.GraphModule, Sequence[Any], dict[str, Any]]]
+_JOINT_GRAPHS: contextvars.ContextVar[JointGraphs | None] = contextvars.ContextVar(
+    "wtacompile_joint_graphs", default=None)
+
+
+@contextlib.contextmanager
+def reusing_joint_graphs(joints: JointGraphs | None = None) -> Iterator[JointGraphs]:
+    """Within: a graph traced through AOTAutograd once is not traced again; each later analysis
+    of it (at another partitioner budget, say) splits a copy of the joint graph it kept.
+
+    ``joints`` keeps them beyond the block (pass the same dict again to reuse them); the
+    default is a fresh one. The joint graph of a graph with higher-order-op bodies is never
+    kept: the bodies are partitioned during the trace, at the budget in force then.
+    """
+    joints = {} if joints is None else joints
+    token = _JOINT_GRAPHS.set(joints)
+    try:
+        yield joints
+    finally:
+        _JOINT_GRAPHS.reset(token)
 
 
 @dataclass
@@ -72,31 +103,45 @@ def trace_largest_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequen
     (:func:`wtacompile.solver.largest_fitting`: ``⌈log2(n + 1)⌉`` partitions for ``n`` budgets;
     an answer is always one that was checked to fit). Each budget partitions a copy of the joint
     graph (the partitioner rewrites the graph it is given, CSE first); the joint graph is traced
-    once, which is most of the cost.
+    once, which is most of the cost, and within :func:`reusing_joint_graphs` not at all when
+    it was traced before.
     """
-    captured: list[tuple[PartitionTrace, float | None]] = []
     widen_masks = widens_masks(config)
     # Inductor rewrites the joint graph before it partitions; under a budget below 1 the knapsack
     # is sensitive to that (T5 at 0.5: the analysis missed four saved ReLU masks, 13% of the
     # bytes, without them). At budget 1 the min cut saves the same either way (the tests compare
     # predicted with measured bytes), and the passes would cost a plan ~6% of its time.
     joint_passes = config.inner == "inductor" and effective_partitioner_budget(config) < 1.0
+    joints = _JOINT_GRAPHS.get()
+    key = _joint_key(gm, config.inner, static, joint_passes) if joints is not None else None
 
-    def split(joint, joint_inputs, kwargs) -> PartitionTrace:
-        forward, backward = pinned_min_cut_partition(joint, joint_inputs, widen_masks=widen_masks, **kwargs)
-        return PartitionTrace(joint, forward, backward, kwargs["num_fwd_outputs"])
+    def split_at_largest_fitting(joint, joint_inputs, kwargs, keep: bool) -> tuple[PartitionTrace, float | None]:
+        def split(graph: fx.GraphModule) -> PartitionTrace:
+            forward, backward = pinned_min_cut_partition(graph, joint_inputs, widen_masks=widen_masks, **kwargs)
+            return PartitionTrace(graph, forward, backward, kwargs["num_fwd_outputs"])
+
+        def attempt(budget: float) -> PartitionTrace | None:
+            with torch._functorch.config.patch(activation_memory_budget=budget):
+                trial = split(copy_module(joint))
+            return trial if fits(trial) else None
+
+        found = largest_fitting(budgets, attempt)
+        if found:
+            return found[1], found[0]
+        with partitioner_budget(config):  # the partitioner rewrites the graph it is given
+            return split(copy_module(joint) if keep else joint), None
+
+    if key is not None and key in joints:
+        return split_at_largest_fitting(*joints[key], keep=True)
+
+    captured: list[tuple[PartitionTrace, float | None]] = []
+    traced_joints: list[tuple[fx.GraphModule, Sequence[Any], dict[str, Any]]] = []
 
     def recording_partition(joint, joint_inputs, **kwargs):
         if joint_passes:  # once: they do not depend on the budget
             joint = _inductor_joint_passes(joint, joint_inputs)
-
-        def attempt(budget: float) -> PartitionTrace | None:
-            with torch._functorch.config.patch(activation_memory_budget=budget):
-                trial = split(copy_module(joint), joint_inputs, kwargs)
-            return trial if fits(trial) else None
-
-        found = largest_fitting(budgets, attempt)
-        captured.append((found[1], found[0]) if found else (split(joint, joint_inputs, kwargs), None))
+        traced_joints.append((joint, joint_inputs, kwargs))
+        captured.append(split_at_largest_fitting(joint, joint_inputs, kwargs, keep=key is not None))
         return captured[-1][0].forward, captured[-1][0].backward
 
     decompositions = None
@@ -110,7 +155,26 @@ def trace_largest_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequen
         aot_trace(traced, recording_partition, decompositions, static=static)
     if not captured:
         raise RuntimeError("wtacrs analysis: AOTAutograd produced no joint graph to partition")
+    if key is not None and len(traced_joints) == 1:
+        joints[key] = traced_joints[0]
     return captured[-1]  # the outer graph's: higher-order ops' bodies are partitioned first
+
+
+def _joint_key(gm: fx.GraphModule, inner: str, static: bool, joint_passes: bool) -> tuple:
+    """What a joint graph depends on besides torch's settings: ``gm``'s code and its inputs (their
+    traced sizes, as AOTAutograd reads them), the inner compiler's decompositions, a static
+    trace, Inductor's joint-graph passes."""
+    inputs = tuple(_input_signature(n.meta.get("example_value")) for n in gm.graph.find_nodes(op="placeholder"))
+    return gm.code, inputs, inner, static, joint_passes
+
+
+def _input_signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        # Symbolic sizes print alike in every shape environment: the fake mode tells them apart
+        # (it lives as long as the graph whose inputs it made; a real tensor has none).
+        return (str(tuple(value.shape)), str(value.stride()), value.dtype, value.device, value.requires_grad,
+                id(getattr(value, "fake_mode", None)))
+    return repr(value)
 
 
 def _inductor_joint_passes(joint: fx.GraphModule, joint_inputs) -> fx.GraphModule:

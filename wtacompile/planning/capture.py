@@ -2,23 +2,40 @@
 
 Dynamo runs the model with every parameter and buffer swapped for a fake twin (same shape, dtype,
 requires_grad), so tracing allocates nothing and a model built on the meta device plans as well
-as a real one. Each training graph goes through the backend's own analysis passes
-(:data:`wtacompile.passes.ANALYSIS_PASSES`); the result is their :class:`CompileState` s.
+as a real one (:func:`capture_graphs`). Each training graph goes through the backend's own
+analysis passes (:data:`wtacompile.passes.ANALYSIS_PASSES`); the result is their
+:class:`CompileState` s (:func:`analyse_graphs`). Captured once, the graphs can be analysed at
+several partitioner budgets, each reusing the joint graphs the first analysis traced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
+from typing import Any
 
 import torch
 
 from wtacompile._compat import compile_isolated, fake_twin, parameter_names
+from wtacompile.analysis.partition_trace import JointGraphs, copy_module, reusing_joint_graphs
 from wtacompile.config import WTAConfig
 from wtacompile.passes import ANALYSIS_PASSES, CompileState, run_passes
 
-__all__ = ["capture_analyses"]
+__all__ = ["CapturedGraphs", "analyse_graphs", "capture_analyses", "capture_graphs"]
+
+
+@dataclasses.dataclass
+class CapturedGraphs:
+    """A model's training graphs as dynamo captured them (on fake parameters), in forward order,
+    and the joint graphs their analyses have traced so far (reused by later analyses)."""
+
+    graphs: list[tuple[torch.fx.GraphModule, tuple[Any, ...], Mapping[int, str]]]
+    # The fake parameters and the inputs the model ran on: the graphs know them by weak
+    # reference only.
+    kept_alive: tuple[Any, ...]
+    joints: JointGraphs = dataclasses.field(default_factory=dict)
 
 
 def capture_analyses(model: torch.nn.Module, example_inputs, config: WTAConfig,
@@ -28,16 +45,29 @@ def capture_analyses(model: torch.nn.Module, example_inputs, config: WTAConfig,
     ``symbolic_batch``: the batch size to mark dynamic (one trace then serves every batch size;
     it costs about twice the tracing time), or ``None`` for a static trace.
     """
+    return analyse_graphs(capture_graphs(model, example_inputs, symbolic_batch), config)
+
+
+def analyse_graphs(captured: CapturedGraphs, config: WTAConfig) -> list[CompileState]:
+    """The analysis passes under ``config`` on each captured graph (none of them changes it)."""
+    with torch.enable_grad(), reusing_joint_graphs(captured.joints):
+        return [run_passes(gm, CompileState(config, inputs, parameter_names=names), ANALYSIS_PASSES)
+                for gm, inputs, names in captured.graphs]
+
+
+def capture_graphs(model: torch.nn.Module, example_inputs, symbolic_batch: int | None) -> CapturedGraphs:
+    """``model``'s training graphs on ``example_inputs`` (see :func:`capture_analyses`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    states: list[CompileState] = []
+    graphs: list[tuple[torch.fx.GraphModule, tuple[Any, ...], Mapping[int, str]]] = []
 
     def capture_backend(gm, inputs):
         if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in inputs):
             names = MappingProxyType(parameter_names(model))  # the fake twins swapped in now
-            states.append(run_passes(gm, CompileState(config, tuple(inputs), parameter_names=names),
-                                     ANALYSIS_PASSES))
+            # A copy: dynamo strips its own graph's placeholders of what they lifted once the
+            # backend returns, and the analyses read it (which parameter each one is).
+            graphs.append((copy_module(gm), tuple(inputs), names))
         return gm.forward
 
     fake_mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
@@ -60,11 +90,11 @@ def capture_analyses(model: torch.nn.Module, example_inputs, config: WTAConfig,
     # Planning compiles with a backend of its own in an isolated cache region: the user's
     # compiled functions keep their entries (another backend's entries never match ours, and ours
     # never count against their recompile limit), so nothing of theirs recompiles afterwards.
-    with _fake_parameters(model, fake_mode), torch.enable_grad(), fake_mode:
+    with _fake_parameters(model, fake_mode) as twins, torch.enable_grad(), fake_mode:
         compile_isolated(model, capture_backend)(*args, **kwargs)
-    if not states:
+    if not graphs:
         raise ValueError("plan(): the model produced no training graph (nothing requires grad?)")
-    return states
+    return CapturedGraphs(graphs, (twins, args, kwargs))
 
 
 def _twin_device(t: torch.Tensor) -> torch.device:
@@ -74,17 +104,19 @@ def _twin_device(t: torch.Tensor) -> torch.device:
 
 
 @contextlib.contextmanager
-def _fake_parameters(model: torch.nn.Module, fake_mode) -> Iterator[None]:
-    """Swap every parameter and buffer for a fake twin for the duration; put the originals back."""
-    swapped = []
+def _fake_parameters(model: torch.nn.Module, fake_mode) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Swap every parameter and buffer for a fake twin for the duration; put the originals back.
+    Yields the twins."""
+    swapped, twins = [], []
     for module in model.modules():
         for store in (module._parameters, module._buffers):
             for name, tensor in list(store.items()):
                 if tensor is not None:
                     swapped.append((store, name, tensor))
-                    store[name] = fake_twin(tensor, fake_mode, _twin_device(tensor))
+                    twins.append(fake_twin(tensor, fake_mode, _twin_device(tensor)))
+                    store[name] = twins[-1]
     try:
-        yield
+        yield tuple(twins)
     finally:
         for store, name, tensor in swapped:
             store[name] = tensor

@@ -26,7 +26,7 @@ from wtacompile.sites import FREES, sampled_linear
 from wtacompile.solver import DEFAULT_BUDGET_MENU, DEFAULT_MENU, Solution, fastest_fitting, solve
 from wtacompile.time_model import GraphCost, balance_for, step_time_ratio
 from .blocks import compose_states, find_repeated_blocks, one_block_per_run
-from .capture import capture_analyses
+from .capture import CapturedGraphs, analyse_graphs, capture_analyses, capture_graphs
 from . import trace_cache
 from .inputs import default_example_inputs
 from wtacompile.plan_result import LayerPlan, Plan
@@ -69,7 +69,9 @@ def plan(
     fits is planned exact at partitioner budget 1; ``activation_budgets=(1.0,)`` plans sampling
     alone. Below budget 1 the model is traced whole (``compose_blocks`` applies at budget 1 only):
     the partitioner's knapsack spreads its budget unevenly over identical blocks, and a plan
-    composed from three of them was off by a third of the saved bytes. Under recompute the
+    composed from three of them was off by a third of the saved bytes. It is traced once: each
+    further budget splits the same joint graphs again (a 7B-shaped model: about 100 s for the
+    first budget below 1, 25 s for each after it). Under recompute the
     analysis reads the sampled partition itself (traced with every candidate at 0.3): the
     solver chooses the ratios of the ``frees`` groups, and every other group is sampled at 0.3
     as traced (see :mod:`wtacompile.passes.analyze_savings`). The
@@ -125,20 +127,38 @@ def plan(
               leave=False) as progress:
         dense: list[CompileState] | None = None  # the first budget's graphs: the baseline
         tried: list[Plan] = []
+        whole: list[CapturedGraphs] = []
+        symbolic_batch = trace_batch if search else None
+
+        def whole_model_graphs() -> CapturedGraphs:
+            if not whole:
+                def capture_whole() -> list[CapturedGraphs]:
+                    return [capture_graphs(model, inputs, symbolic_batch)]
+
+                if reuse_traces:  # at any partitioner budget: dynamo's graphs do not depend on it
+                    whole.extend(trace_cache.cached_capture(model, lambda: trace_cache.trace_key(
+                        model, inputs, dataclasses.replace(config, activation_memory_budget=None),
+                        symbolic_batch, False, planned_device, purpose="captured graphs"), capture_whole)[0])
+                else:
+                    whole.extend(capture_whole())
+            return whole[0]
 
         def attempt(partitioner: float) -> Plan | None:
             nonlocal dense
             progress.set_postfix_str(f"tracing and analysing the training graphs "
                                      f"(activation_memory_budget {partitioner:g})")
             at_budget = dataclasses.replace(config, activation_memory_budget=partitioner)
-            symbolic_batch = trace_batch if search else None
             # Below budget 1 the knapsack does not treat the copies of a block alike (of six
             # identical inputs it may keep four), so a few traced blocks do not compose.
             composed = compose_blocks and partitioner >= 1.0
 
             def capture() -> list[CompileState]:
                 with target_device(planned_device):  # a meta model traces on CPU fakes, planned for a GPU
-                    return _capture(model, inputs, at_budget, symbolic_batch, composed)
+                    if composed:
+                        return _capture(model, inputs, at_budget, symbolic_batch, composed)
+                    # The whole model is captured once for every budget: each analyses the same
+                    # graphs, splitting the joint graphs the first one traced.
+                    return analyse_graphs(whole_model_graphs(), at_budget)
 
             if reuse_traces:
                 states, reused = trace_cache.cached_capture(model, lambda: trace_cache.trace_key(

@@ -1,11 +1,13 @@
 """Reuse a plan's analysed graphs for the next plan of the same model, inputs and settings.
 
 Why: tracing is nearly all of a plan's time (dynamo and two AOTAutograd traces: seconds for a
-7B-shaped model at partitioner budget 1, a couple of minutes per budget below it, where the model
-is traced whole), solving a few milliseconds. People plan the same model again and again: a sweep
-over ``mem_gb`` (which cards would do), a benchmark trying several targets. None of those changes
-the graphs, only the numbers solved over them. (A plan reuses what an earlier one traced at the
-same partitioner budgets; a budget the earlier plan never tried is traced anew.)
+7B-shaped model at partitioner budget 1, a couple of minutes below it, where the model is traced
+whole), solving a few milliseconds. People plan the same model again and again: a sweep over
+``mem_gb`` (which cards would do), a benchmark trying several targets. None of those changes the
+graphs, only the numbers solved over them. A plan reuses the analysed graphs an earlier one made
+at the same partitioner budget; at a budget no earlier plan tried, it reuses the whole model's
+captured graphs (dynamo's, and the joint graphs their analyses traced: ``purpose``) and only
+splits and analyses them again.
 
 What must match for a plan to reuse another's graphs (:func:`trace_key`):
 
@@ -47,12 +49,11 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from wtacompile.config import WTAConfig
-from wtacompile.passes import CompileState
 
 __all__ = ["MAX_ENTRIES_PER_MODEL", "TraceKey", "cached_capture", "clear", "trace_key"]
 
@@ -76,9 +77,12 @@ class TraceKey:
     identities: tuple[Any, ...]
 
 
+T = TypeVar("T")
+
+
 @dataclass
 class _Entry:
-    states: list[CompileState]
+    states: list[Any]  # analysed graphs (CompileState) or captured ones
     identities: tuple[weakref.ref, ...]
 
     def matches(self, key: TraceKey) -> bool:
@@ -94,9 +98,9 @@ class _Uncacheable(Exception):
 
 
 def cached_capture(model: torch.nn.Module, key: Callable[[], TraceKey | None],
-                   capture: Callable[[], list[CompileState]]) -> tuple[list[CompileState], bool]:
-    """``capture()``'s states, or those of an earlier call whose ``key()`` was the same for
-    ``model``; and whether they were reused. A ``None`` key (nothing safe to key on) captures
+                   capture: Callable[[], list[T]]) -> tuple[list[T], bool]:
+    """``capture()``'s states (analysed graphs, or captured ones), or those of an earlier call
+    whose ``key()`` was the same for ``model``; and whether they were reused. A ``None`` key (nothing safe to key on) captures
     afresh and keeps nothing.
 
     The key is taken before the capture and again after it, and the states kept under both: the
@@ -129,9 +133,11 @@ def clear() -> None:
 
 
 def trace_key(model: torch.nn.Module, inputs: Any, config: WTAConfig, symbolic_batch: int | None,
-              compose_blocks: bool, device_type: str) -> TraceKey | None:
+              compose_blocks: bool, device_type: str, purpose: str = "analysed graphs") -> TraceKey | None:
     """What a plan's traced graphs depend on (see the module docstring); ``None`` where some
-    part cannot be described safely (the plan then traces afresh)."""
+    part cannot be described safely (the plan then traces afresh). ``purpose`` tells apart what
+    is kept: the analysed graphs, or dynamo's captured graphs that analyses at several
+    partitioner budgets share."""
     digest = hashlib.sha256()
     identities: list[Any] = []
     try:
@@ -139,7 +145,7 @@ def trace_key(model: torch.nn.Module, inputs: Any, config: WTAConfig, symbolic_b
         # The optimizer sizes state, which the memory model adds; the traces never read it.
         settings = dataclasses.replace(config, mem_gb=None, optimizer="adamw")
         parts = [
-            ("settings", repr(settings), symbolic_batch, compose_blocks, device_type),
+            ("settings", purpose, repr(settings), symbolic_batch, compose_blocks, device_type),
             ("torch", torch.__version__, repr(torch.get_default_dtype()), repr(torch.get_default_device()),
              _autocast_state(), _attention_backends()),
             *(("config", name, describe.config_module(c)) for name, c in _config_modules()),
