@@ -219,3 +219,17 @@ def test_a_budget_not_tried_before_splits_the_whole_models_joint_graphs_again(ca
     fresh = plan(model, 1.0, example_inputs=batch, activation_budgets=(0.3,), reuse_traces=False)
     assert len(captures) == 2 and len(aot_traces) == 4
     assert fresh == at_03
+
+
+def test_a_checkpointed_model_is_split_again_as_in_its_trace(captures, aot_traces):
+    """The partitioner reads the tracing state it ran in (its RNG functionalisation of a
+    checkpointed region's dropout needs the fake mode): a reused joint graph is split in the
+    state of its trace, and plans what a fresh trace plans."""
+    model, batch = build("bert")
+    model.train()
+    model.gradient_checkpointing_enable()
+    plan(model, 1.0, example_inputs=batch, activation_budgets=(0.8,))
+    traced = len(aot_traces)
+    reused = plan(model, 1.0, example_inputs=batch, activation_budgets=(0.5,))
+    assert len(aot_traces) == traced and len(captures) == 1
+    assert reused == plan(model, 1.0, example_inputs=batch, activation_budgets=(0.5,), reuse_traces=False)

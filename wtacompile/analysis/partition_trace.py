@@ -32,11 +32,35 @@ from wtacompile.lower import (WIDENED_FROM, effective_partitioner_budget, partit
                               pinned_min_cut_partition, widens_masks)
 from wtacompile.solver import largest_fitting
 
-__all__ = ["JointGraphs", "PartitionTrace", "copy_module", "reusing_joint_graphs", "trace_largest_fitting",
+__all__ = ["JointGraphs", "PartitionTrace", "TracedJoint", "copy_module", "reusing_joint_graphs", "trace_largest_fitting",
            "trace_partition"]
 
+@dataclass(frozen=True)
+class TracedJoint:
+    """A joint graph as AOTAutograd handed it to the partitioner, and the state it was split in:
+    the partitioner reads the tracing context and the fake mode (its RNG functionalisation of a
+    checkpointed region's dropout, say), and runs with grad off."""
+
+    joint: fx.GraphModule
+    joint_inputs: Sequence[Any]
+    kwargs: dict[str, Any]
+    context: Any  # torch._guards.TracingContext
+    fake_mode: Any
+    grad_enabled: bool
+
+    @contextlib.contextmanager
+    def as_traced(self) -> Iterator[None]:
+        """The state the partitioner ran in during the trace, for a later split."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch._guards.tracing(self.context))
+            if self.fake_mode is not None:
+                stack.enter_context(self.fake_mode)
+            stack.enter_context(torch.set_grad_enabled(self.grad_enabled))
+            yield
+
+
 #: Joint graphs traced so far, by :func:`_joint_key`, while :func:`reusing_joint_graphs` is on.
-JointGraphs = dict[tuple, tuple[fx.GraphModule, Sequence[Any], dict[str, Any]]]
+JointGraphs = dict[tuple, TracedJoint]
 _JOINT_GRAPHS: contextvars.ContextVar[JointGraphs | None] = contextvars.ContextVar(
     "wtacompile_joint_graphs", default=None)
 
@@ -47,8 +71,9 @@ def reusing_joint_graphs(joints: JointGraphs | None = None) -> Iterator[JointGra
     of it (at another partitioner budget, say) splits a copy of the joint graph it kept.
 
     ``joints`` keeps them beyond the block (pass the same dict again to reuse them); the
-    default is a fresh one. The joint graph of a graph with higher-order-op bodies is never
-    kept: the bodies are partitioned during the trace, at the budget in force then.
+    default is a fresh one. A joint graph whose trace partitioned other graphs first is never
+    kept (the bodies of ``invoke_subgraph``, split at the budget in force then), and the
+    partitioner runs on a kept one as it did during the trace (:meth:`TracedJoint.as_traced`).
     """
     joints = {} if joints is None else joints
     token = _JOINT_GRAPHS.set(joints)
@@ -132,15 +157,18 @@ def trace_largest_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequen
             return split(copy_module(joint) if keep else joint), None
 
     if key is not None and key in joints:
-        return split_at_largest_fitting(*joints[key], keep=True)
+        kept = joints[key]
+        with kept.as_traced():
+            return split_at_largest_fitting(kept.joint, kept.joint_inputs, kept.kwargs, keep=True)
 
     captured: list[tuple[PartitionTrace, float | None]] = []
-    traced_joints: list[tuple[fx.GraphModule, Sequence[Any], dict[str, Any]]] = []
+    traced_joints: list[TracedJoint] = []
 
     def recording_partition(joint, joint_inputs, **kwargs):
         if joint_passes:  # once: they do not depend on the budget
             joint = _inductor_joint_passes(joint, joint_inputs)
-        traced_joints.append((joint, joint_inputs, kwargs))
+        traced_joints.append(TracedJoint(joint, joint_inputs, kwargs, torch._guards.TracingContext.try_get(),
+                                         torch._guards.detect_fake_mode(joint_inputs), torch.is_grad_enabled()))
         captured.append(split_at_largest_fitting(joint, joint_inputs, kwargs, keep=key is not None))
         return captured[-1][0].forward, captured[-1][0].backward
 
@@ -155,9 +183,16 @@ def trace_largest_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequen
         aot_trace(traced, recording_partition, decompositions, static=static)
     if not captured:
         raise RuntimeError("wtacrs analysis: AOTAutograd produced no joint graph to partition")
-    if key is not None and len(traced_joints) == 1:
+    if key is not None and len(traced_joints) == 1 and not _has_subgraph_calls(traced_joints[0].joint):
         joints[key] = traced_joints[0]
     return captured[-1]  # the outer graph's: higher-order ops' bodies are partitioned first
+
+
+def _has_subgraph_calls(joint: fx.GraphModule) -> bool:
+    """Whether ``joint`` calls ``invoke_subgraph`` bodies (partitioned during the trace, perhaps
+    by a partitioner of their own that never reaches ours)."""
+    target = getattr(torch.ops.higher_order, "invoke_subgraph", None)
+    return target is not None and any(joint.graph.find_nodes(op="call_function", target=target))
 
 
 def _joint_key(gm: fx.GraphModule, inner: str, static: bool, joint_passes: bool) -> tuple:

@@ -158,7 +158,11 @@ def plan(
                         return _capture(model, inputs, at_budget, symbolic_batch, composed)
                     # The whole model is captured once for every budget: each analyses the same
                     # graphs, splitting the joint graphs the first one traced.
-                    return analyse_graphs(whole_model_graphs(), at_budget)
+                    graphs = whole_model_graphs()
+                    if graphs.joints:
+                        progress.set_postfix_str(f"analysing the captured graphs, splitting those traced "
+                                                 f"before again (activation_memory_budget {partitioner:g})")
+                    return analyse_graphs(graphs, at_budget)
 
             if reuse_traces:
                 states, reused = trace_cache.cached_capture(model, lambda: trace_cache.trace_key(

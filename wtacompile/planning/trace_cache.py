@@ -5,9 +5,10 @@ Why: tracing is nearly all of a plan's time (dynamo and two AOTAutograd traces: 
 whole), solving a few milliseconds. People plan the same model again and again: a sweep over
 ``mem_gb`` (which cards would do), a benchmark trying several targets. None of those changes the
 graphs, only the numbers solved over them. A plan reuses the analysed graphs an earlier one made
-at the same partitioner budget; at a budget no earlier plan tried, it reuses the whole model's
-captured graphs (dynamo's, and the joint graphs their analyses traced: ``purpose``) and only
-splits and analyses them again.
+at the same partitioner budget. Where the model is traced whole (below budget 1, or with
+``compose_blocks=False``), a budget no earlier plan tried reuses the whole model's captured
+graphs (dynamo's, and the joint graphs their analyses traced: ``purpose``) and only splits and
+analyses them again; the three blocks traced at budget 1 are kept as analysed graphs only.
 
 What must match for a plan to reuse another's graphs (:func:`trace_key`):
 
@@ -59,7 +60,9 @@ __all__ = ["MAX_ENTRIES_PER_MODEL", "TraceKey", "cached_capture", "clear", "trac
 
 log = logging.getLogger("wtacompile")
 
-#: Analysed graph sets kept per model (one per partitioner budget, batch mode and input shape).
+#: Entries kept per model: analysed graph sets (one per partitioner budget, batch mode and input
+#: shape) and captured ones (one per batch mode and input shape: the whole model's dynamo and
+#: joint graphs, the largest entries; ``clear()`` lets them go before the model does).
 MAX_ENTRIES_PER_MODEL = 16
 
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
