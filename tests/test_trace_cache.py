@@ -224,10 +224,14 @@ def test_a_budget_not_tried_before_splits_the_whole_models_joint_graphs_again(ca
 def test_a_checkpointed_model_is_split_again_as_in_its_trace(captures, aot_traces):
     """The partitioner reads the tracing state it ran in (its RNG functionalisation of a
     checkpointed region's dropout needs the fake mode): a reused joint graph is split in the
-    state of its trace, and plans what a fresh trace plans."""
+    state of its trace, and plans what a fresh trace plans. (Inductor's joint-graph passes, run
+    below budget 1, enter the fake mode too: they rewrite a dropout's seeds.)"""
     model, batch = build("bert")
     model.train()
     model.gradient_checkpointing_enable()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
     plan(model, 1.0, example_inputs=batch, activation_budgets=(0.8,))
     traced = len(aot_traces)
     reused = plan(model, 1.0, example_inputs=batch, activation_budgets=(0.5,))

@@ -216,9 +216,14 @@ def _inductor_joint_passes(joint: fx.GraphModule, joint_inputs) -> fx.GraphModul
     """The joint-graph passes Inductor runs before it partitions (its pattern rewrites change
     what the partitioner can save: a ReLU's mask, which it computes where)."""
     from torch._inductor.compile_fx import _recursive_joint_graph_passes, get_inputs_devices
+    from torch._inductor.virtualized import V
 
     devices = get_inputs_devices(joint_inputs, joint)  # as Inductor's partition_fn passes it
-    return _recursive_joint_graph_passes(joint, skip_invoke_subgraph=True, input_device=next(iter(devices), None))
+    # Inductor runs them under its compile's fake mode; the random-op rewrites (a dropout's
+    # seeds) enter it.
+    with V.set_fake_mode(torch._guards.detect_fake_mode(joint_inputs)):
+        return _recursive_joint_graph_passes(joint, skip_invoke_subgraph=True,
+                                             input_device=next(iter(devices), None))
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
