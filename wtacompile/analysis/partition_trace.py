@@ -32,8 +32,9 @@ from wtacompile.lower import (WIDENED_FROM, effective_partitioner_budget, partit
                               pinned_min_cut_partition, widens_masks)
 from wtacompile.solver import largest_fitting
 
-__all__ = ["JointGraphs", "PartitionTrace", "TracedJoint", "copy_module", "reusing_joint_graphs", "trace_largest_fitting",
-           "trace_partition"]
+__all__ = ["JointGraphs", "PartitionTrace", "TracedJoint", "copy_module", "reusing_joint_graphs",
+           "trace_largest_fitting", "trace_partition"]
+
 
 @dataclass(frozen=True)
 class TracedJoint:
