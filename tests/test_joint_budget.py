@@ -350,3 +350,17 @@ def test_a_budget_the_user_sets_is_met_in_bytes_with_less_recompute():
     assert saved["at 0.5"] < saved["matched"] <= saved["dense"]
     outright = saved_activation_bytes(model, x, dict(AOT, activation_memory_budget=0.7, match_budget_bytes=False))
     assert outright == saved["matched"]
+
+
+def test_a_model_training_with_dropout_is_planned_below_budget_1():
+    """Below budget 1 the analysis runs Inductor's joint-graph passes, whose rewrite of a
+    dropout's seeds enters the compile's fake mode (a model with dropout crashed there before)."""
+    model, batch = build("bert")
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    exact = plan(model, 1.0, example_inputs=batch, activation_budgets=(1.0,))
+    recomputed = plan(model, 1.0, example_inputs=batch, activation_budgets=(0.3,))
+    assert recomputed.fits and recomputed.activation_memory_budget == 0.3
+    assert not exact.keep_ratios and recomputed.activation_bytes < exact.activation_bytes  # recompute saves less
