@@ -25,6 +25,7 @@ recorded (:func:`wtacompile.last_compile_report`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -82,8 +83,7 @@ def wtacrs_backend(
         budget = ledger_for(model, config.fingerprint()) if config.mem_gb is not None else None
         names = MappingProxyType(parameter_names(model) if model is not None else {})
         state = CompileState(config, tuple(example_inputs), budget=budget, parameter_names=names)
-        with reusing_joint_graphs():  # each partitioner budget tried splits one traced joint graph
-            state, step_time = _analyse_and_decide(gm, state, example_inputs)
+        state, step_time = _analyse_and_decide(gm, state, example_inputs)
         state = rewrite_sampled(gm, state)
         _warn_checkpointed(state.sites)
         report = GraphReport.build(graph_id, config.fingerprint(), True, state.sites, state.decisions,
@@ -158,10 +158,12 @@ def _analyse_and_decide(gm: fx.GraphModule, state: CompileState, example_inputs
         return step_time_ratio((decided.analysis.cost,), _sampled_linears(decided), (reference.cost,),
                                balance_for(_device_type(example_inputs)))
 
-    budget, decided = menu[0], attempt(menu[0])
-    if decided is None and len(menu) > 1:
-        budget, decided = fastest_fitting(menu[1:], attempt, lambda d: bool(_sampled_linears(d)),
-                                          step_time) or (None, None)
+    # Where several budgets may be tried, each splits the joint graphs traced once.
+    with reusing_joint_graphs() if len(menu) > 1 else contextlib.nullcontext():
+        budget, decided = menu[0], attempt(menu[0])
+        if decided is None and len(menu) > 1:
+            budget, decided = fastest_fitting(menu[1:], attempt, lambda d: bool(_sampled_linears(d)),
+                                              step_time) or (None, None)
     if decided is None:
         raise failures[-1]  # the last attempt was at the smallest budget: the least recompute
     if ledger is not None:

@@ -45,12 +45,14 @@ def capture_analyses(model: torch.nn.Module, example_inputs, config: WTAConfig,
     ``symbolic_batch``: the batch size to mark dynamic (one trace then serves every batch size;
     it costs about twice the tracing time), or ``None`` for a static trace.
     """
-    return analyse_graphs(capture_graphs(model, example_inputs, symbolic_batch), config)
+    return analyse_graphs(capture_graphs(model, example_inputs, symbolic_batch), config, keep_joints=False)
 
 
-def analyse_graphs(captured: CapturedGraphs, config: WTAConfig) -> list[CompileState]:
-    """The analysis passes under ``config`` on each captured graph (none of them changes it)."""
-    with torch.enable_grad(), reusing_joint_graphs(captured.joints):
+def analyse_graphs(captured: CapturedGraphs, config: WTAConfig, keep_joints: bool = True) -> list[CompileState]:
+    """The analysis passes under ``config`` on each captured graph (none of them changes it);
+    ``keep_joints``: keep the joint graphs they trace in ``captured`` for later analyses."""
+    reuse = reusing_joint_graphs(captured.joints) if keep_joints else contextlib.nullcontext()
+    with torch.enable_grad(), reuse:
         return [run_passes(gm, CompileState(config, inputs, parameter_names=names), ANALYSIS_PASSES)
                 for gm, inputs, names in captured.graphs]
 

@@ -10,6 +10,7 @@ figures assume proportional scaling from it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -127,21 +128,19 @@ def plan(
               leave=False) as progress:
         dense: list[CompileState] | None = None  # the first budget's graphs: the baseline
         tried: list[Plan] = []
-        whole: list[CapturedGraphs] = []
         symbolic_batch = trace_batch if search else None
 
+        @functools.cache  # once per plan, at the first budget that traces the whole model
         def whole_model_graphs() -> CapturedGraphs:
-            if not whole:
-                def capture_whole() -> list[CapturedGraphs]:
-                    return [capture_graphs(model, inputs, symbolic_batch)]
+            def capture_whole() -> list[CapturedGraphs]:
+                return [capture_graphs(model, inputs, symbolic_batch)]
 
-                if reuse_traces:  # at any partitioner budget: dynamo's graphs do not depend on it
-                    whole.extend(trace_cache.cached_capture(model, lambda: trace_cache.trace_key(
-                        model, inputs, dataclasses.replace(config, activation_memory_budget=None),
-                        symbolic_batch, False, planned_device, purpose="captured graphs"), capture_whole)[0])
-                else:
-                    whole.extend(capture_whole())
-            return whole[0]
+            if not reuse_traces:
+                return capture_whole()[0]
+            # Kept for later plans at any partitioner budget: dynamo's graphs do not depend on it.
+            return trace_cache.cached_capture(model, lambda: trace_cache.trace_key(
+                model, inputs, dataclasses.replace(config, activation_memory_budget=None),
+                symbolic_batch, False, planned_device, purpose="captured graphs"), capture_whole)[0][0]
 
         def attempt(partitioner: float) -> Plan | None:
             nonlocal dense
@@ -155,7 +154,7 @@ def plan(
             def capture() -> list[CompileState]:
                 with target_device(planned_device):  # a meta model traces on CPU fakes, planned for a GPU
                     if composed:
-                        return _capture(model, inputs, at_budget, symbolic_batch, composed)
+                        return _capture(model, inputs, at_budget, symbolic_batch)
                     # The whole model is captured once for every budget: each analyses the same
                     # graphs, splitting the joint graphs the first one traced.
                     graphs = whole_model_graphs()
@@ -210,9 +209,9 @@ def _device_of(model: torch.nn.Module) -> str:
     return "cuda" if device == "meta" else device
 
 
-def _capture(model, inputs, config, symbolic_batch, compose_blocks) -> list[CompileState]:
+def _capture(model, inputs, config, symbolic_batch) -> list[CompileState]:
     """The model's analysed graphs: composed from three blocks per run where blocks repeat."""
-    runs = find_repeated_blocks(model) if compose_blocks else ()
+    runs = find_repeated_blocks(model)
     if runs:
         try:
             with one_block_per_run(model, runs):
