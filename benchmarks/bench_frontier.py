@@ -14,6 +14,13 @@ SavedTensorMeter (distinct non-parameter storages autograd saves), independently
 backend's own report; GPU peak memory is added where a GPU is present. Every ratio is to
 Inductor at budget 1 on the same model, all from this one run; ``saved/B`` and ``time/B`` are to
 Inductor alone at the arm's own budget B.
+
+On Linux the benchmark re-runs itself with glibc's allocator told to keep freed memory
+(``GLIBC_TUNABLES``, :data:`KEEP_FREED_MEMORY`; ``--system-malloc`` leaves it alone): by default
+glibc returns each large freed block to the OS and the next step faults it back in, measured at
+40–65 thousand page faults per training step here (the sampled arms more), which moved single
+steps of one arm by ±25% on a quiet machine. Kept, ~200 per step. PyTorch's CPU tuning guide
+recommends an allocator that reuses memory (jemalloc, TCMalloc) for the same reason.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import os
+import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -30,6 +40,21 @@ import wtacompile
 from wtacompile.backend import wtacrs_backend
 
 FAMILIES = ("llama", "bert", "t5", "gpt2")
+#: glibc malloc settings that keep freed memory for reuse: blocks up to 32 MiB (glibc's largest
+#: mmap threshold) come from the heap, which is trimmed only past 4 GiB of free top.
+KEEP_FREED_MEMORY = ("glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296:"
+                     "glibc.malloc.top_pad=268435456")
+
+
+def keep_freed_memory() -> None:
+    """Re-run this process with :data:`KEEP_FREED_MEMORY` (Linux with glibc; once)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    if KEEP_FREED_MEMORY in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    tunables = ":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), KEEP_FREED_MEMORY)))
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": tunables})
 
 
 def build(family: str):
@@ -153,11 +178,17 @@ def main() -> None:
     parser.add_argument("--unmatched", nargs="*", type=float, default=[],
                         help="keep ratios also run with match_budget_bytes=False (the sampled graph "
                              "at the budget itself, not raised to the budget's bytes): before/after")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (it returns freed memory to the OS "
+                             "and faults it back each step: slower and noisier CPU steps)")
     args = parser.parse_args()
+    if not args.system_malloc:
+        keep_freed_memory()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {where}; ratios to Inductor at budget 1; {args.steps} interleaved steps per arm")
+    malloc = "glibc keeps freed memory" if KEEP_FREED_MEMORY in os.environ.get("GLIBC_TUNABLES", "") else "system malloc"
+    print(f"device: {where} ({malloc}); ratios to Inductor at budget 1; {args.steps} interleaved steps per arm")
     header = (f"{'family':<7} {'arm':<26} {'saved MiB':>10} {'x saved':>8} {'step ms':>9} {'x time':>7}"
               f" {'saved/B':>8} {'time/B':>7}"
               + (f" {'peak MiB':>9} {'x peak':>7}" if device == "cuda" else ""))
