@@ -206,45 +206,39 @@ def learning_state(device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 class _PendingFolds:
-    """The states whose observations one backward accumulated, folded when it ends.
+    """The states whose observations a backward accumulated, folded when it ends.
 
     Folding each as its gradient lands would be ~20 small ops per sampled weight and step (on a
     GPU, as many kernel launches: ~1300 a step for T5's 65 weights); folded together they are
     one batched :func:`fold` per device. The fold runs from a callback the autograd engine calls
-    at the end of the backward (as DDP's gradient reduction does), queued once per backward.
+    at the end of the backward (as DDP's gradient reduction does); every state queues one, and
+    the first to run folds them all.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._states: list[torch.Tensor] = []
-        self._queued_for: set[int] = set()
 
     def add(self, state: torch.Tensor) -> None:
-        task = torch._C._current_graph_task_id()
         with self._lock:
             self._states.append(state)
-            queue = task not in self._queued_for
-            self._queued_for.add(task)
-        if queue:
-            torch.autograd.Variable._execution_engine.queue_callback(lambda: self.fold(task))
+        torch.autograd.Variable._execution_engine.queue_callback(self.fold)
 
-    def fold(self, task: int | None = None) -> None:
+    def fold(self) -> None:
         """Fold every pending state (a backward that failed before its end left its own here:
-        they fold with the next, their observations summed as over two uses)."""
+        they fold with the next one's, their observations summed as over two uses)."""
         with self._lock:
             states, self._states = self._states, []
-            self._queued_for.discard(task)
         by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for state in dict.fromkeys(states):  # a state is folded once, whatever its uses
+        for state in dict.fromkeys(states):  # by identity: folded once, whatever its uses
             if state.grad is not None:
                 by_device.setdefault(state.device, []).append(state)
         with torch.no_grad():
             for group in by_device.values():
                 folded = fold(torch.stack(group), torch.stack([state.grad for state in group]))
                 torch._foreach_copy_(group, list(folded.unbind(0)))
-        for group in by_device.values():
-            for state in group:
-                state.grad = None
+                for state in group:
+                    state.grad = None
 
 
 _PENDING = _PendingFolds()
