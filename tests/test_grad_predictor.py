@@ -61,33 +61,6 @@ def test_a_step_that_says_nothing_leaves_the_state_alone(bad):
     assert torch.equal(gp.observe(state, used, grad), state)
 
 
-def test_folding_states_together_is_folding_each():
-    """One backward's states are folded in one batched pass: row for row what each state's own
-    fold gives, an uninformative observation (here non-finite, all zero) leaving its row alone."""
-    cells = torch.tensor([0, 4, 8, 8], dtype=torch.int32)
-    grads = [torch.tensor([[1.0], [2.0], [0.0], [3.0]]), torch.zeros(4, 1),
-             torch.tensor([[1.0], [float("nan")], [3.0], [1.0]]), torch.tensor([[5.0], [1.0], [1.0], [0.5]])]
-    states = [gp.observe(gp.new_state(), cells, torch.full((4, 1), float(i + 1))) for i in range(4)]
-    seen = [gp.observation(cells, g) for g in grads]
-    batched = gp.fold(torch.stack(states), torch.stack(seen))
-    for i, (state, observed) in enumerate(zip(states, seen)):
-        assert torch.equal(batched[i], gp.fold(state, observed)), i
-    assert torch.equal(batched[1], states[1]) and torch.equal(batched[2], states[2])
-
-
-def test_states_fold_at_the_end_of_backward_once_each():
-    """Between backwards every state is folded and holds no gradient; a weight read by two
-    linears and two forwards is one observation step (``steps`` counts backwards)."""
-    model = Masked()
-    x, mask, row_weight = _masked_batch()
-    for step in (1, 2):
-        with wtacompile.sample_linears(0.3, attention_mask=mask):
-            (model(x, mask, row_weight) + model(x, mask, row_weight)).backward()
-        states = list(gp._STATES[p] for p in model.parameters() if p in gp._STATES)
-        assert states and all(s.grad is None for s in states)
-        assert all(s[-1].item() == step for s in states)
-
-
 def test_row_weights_are_scale_free_floored_and_positive():
     predicted = torch.tensor([4.0, 1.0, 0.01, 0.0, 0.0, 7.0])
     known_zero = torch.tensor([False, False, False, False, True, True])

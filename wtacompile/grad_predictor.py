@@ -48,7 +48,6 @@ token classifier's reads ``labels[t]``; only rows both ignore surely get no grad
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -168,19 +167,18 @@ def observation(cells: torch.Tensor, grad_2d: torch.Tensor) -> torch.Tensor:
 
 def fold(state: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """The state after the (summed) :func:`observation` s of one backward; unchanged if they
-    carry nothing (no informative use) or are not finite. Batched: ``state`` and ``seen`` may
-    be ``(S, STATE_SIZE)``, one state per row."""
-    sums, counts = seen[..., :NUM_CELLS], seen[..., NUM_CELLS:2 * NUM_CELLS]
-    uses = seen[..., 2 * NUM_CELLS + 1:]
-    informative = (uses > 0) & torch.isfinite(seen).all(dim=-1, keepdim=True)
+    carry nothing (no informative use) or are not finite."""
+    sums, counts = seen[:NUM_CELLS], seen[NUM_CELLS:2 * NUM_CELLS]
+    uses = seen[2 * NUM_CELLS + 1]
+    informative = (uses > 0) & torch.isfinite(seen).all()
     observed = counts > 0
-    average, count = state[..., :NUM_CELLS], state[..., NUM_CELLS:2 * NUM_CELLS]
+    average, count = state[:NUM_CELLS], state[NUM_CELLS:2 * NUM_CELLS]
     average = torch.where(observed, DECAY * average + (1.0 - DECAY) * sums / counts.clamp_min(1.0), average)
     count = count + observed.to(torch.float32)
-    mean = seen[..., 2 * NUM_CELLS:2 * NUM_CELLS + 1] / uses.clamp_min(1.0)
-    scale = DECAY * state[..., 2 * NUM_CELLS:2 * NUM_CELLS + 1] + (1.0 - DECAY) * mean
-    steps = state[..., 2 * NUM_CELLS + 1:] + 1.0
-    return torch.where(informative, torch.cat([average, count, scale, steps], dim=-1), state)
+    mean = seen[2 * NUM_CELLS:2 * NUM_CELLS + 1] / uses.clamp_min(1.0)
+    scale = DECAY * state[2 * NUM_CELLS:2 * NUM_CELLS + 1] + (1.0 - DECAY) * mean
+    steps = state[2 * NUM_CELLS + 1:] + 1.0
+    return torch.where(informative, torch.cat([average, count, scale, steps]), state)
 
 
 def observe(state: torch.Tensor, cells: torch.Tensor, grad_2d: torch.Tensor) -> torch.Tensor:
@@ -197,55 +195,18 @@ _GRAPH_OWNED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # states of weights t
 def learning_state(device: torch.device | str = "cpu") -> torch.Tensor:
     """A new state that learns: a leaf that requires grad, whose "gradient" is the summed
     :func:`observation` s of the backward (every use of the weight adds its own, as autograd adds
-    gradients), folded in once the backward has run. So backward reads the state nowhere and
+    gradients), folded in by a hook once accumulated. So backward reads the state nowhere and
     writes it only after the graph has run: no in-place write to a tensor autograd saved, however
     many forwards share it before backward (siamese training, ``retain_graph``)."""
     state = new_state(device).requires_grad_()
-    state.register_post_accumulate_grad_hook(_fold_after_backward)
+    state.register_post_accumulate_grad_hook(_fold_accumulated)
     return state
 
 
-class _PendingFolds:
-    """The states whose observations a backward accumulated, folded when it ends.
-
-    Folding each as its gradient lands would be ~20 small ops per sampled weight and step (on a
-    GPU, as many kernel launches: ~1300 a step for T5's 65 weights); folded together they are
-    one batched :func:`fold` per device. The fold runs from a callback the autograd engine calls
-    at the end of the backward (as DDP's gradient reduction does); every state queues one, and
-    the first to run folds them all.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._states: list[torch.Tensor] = []
-
-    def add(self, state: torch.Tensor) -> None:
-        with self._lock:
-            self._states.append(state)
-        torch.autograd.Variable._execution_engine.queue_callback(self.fold)
-
-    def fold(self) -> None:
-        """Fold every pending state (a backward that failed before its end left its own here:
-        they fold with the next one's, their observations summed as over two uses)."""
-        with self._lock:
-            states, self._states = self._states, []
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for state in dict.fromkeys(states):  # by identity: folded once, whatever its uses
-            if state.grad is not None:
-                by_device.setdefault(state.device, []).append(state)
-        with torch.no_grad():
-            for group in by_device.values():
-                folded = fold(torch.stack(group), torch.stack([state.grad for state in group]))
-                torch._foreach_copy_(group, list(folded.unbind(0)))
-                for state in group:
-                    state.grad = None
-
-
-_PENDING = _PendingFolds()
-
-
-def _fold_after_backward(state: torch.Tensor) -> None:
-    _PENDING.add(state)
+def _fold_accumulated(state: torch.Tensor) -> None:
+    with torch.no_grad():
+        state.copy_(fold(state, state.grad))
+    state.grad = None
 
 
 def state_for(weight: torch.Tensor) -> torch.Tensor:
