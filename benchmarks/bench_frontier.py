@@ -46,11 +46,14 @@ KEEP_FREED_MEMORY = ("glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_thr
                      "glibc.malloc.top_pad=268435456")
 
 
+def keeps_freed_memory() -> bool:
+    """Whether this process runs with :data:`KEEP_FREED_MEMORY`."""
+    return KEEP_FREED_MEMORY in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def keep_freed_memory() -> None:
     """Re-run this process with :data:`KEEP_FREED_MEMORY` (Linux with glibc; once)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    if KEEP_FREED_MEMORY in os.environ.get("GLIBC_TUNABLES", ""):
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or keeps_freed_memory():
         return
     tunables = ":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), KEEP_FREED_MEMORY)))
     sys.stdout.flush()
@@ -187,7 +190,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    malloc = "glibc keeps freed memory" if KEEP_FREED_MEMORY in os.environ.get("GLIBC_TUNABLES", "") else "system malloc"
+    malloc = "glibc keeps freed memory" if keeps_freed_memory() else "system malloc"
     print(f"device: {where} ({malloc}); ratios to Inductor at budget 1; {args.steps} interleaved steps per arm")
     header = (f"{'family':<7} {'arm':<26} {'saved MiB':>10} {'x saved':>8} {'step ms':>9} {'x time':>7}"
               f" {'saved/B':>8} {'time/B':>7}"
