@@ -126,3 +126,29 @@ def test_a_raised_budget_under_inductor_saves_no_more_than_the_budget_alone():
     assert at_budget < matched <= dense
     assert saved_by({"activation_memory_budget": report.activation_memory_budget, "match_budget_bytes": False,
                      "row_scores": "norm"}) == matched
+
+
+def test_a_gelu_feeding_a_sampled_linear_is_evaluated_once_per_element_in_forward(monkeypatch):
+    """Inductor inlines an unrealised pointwise result into each reader that does not need a
+    buffer: with the draw's row norms traced before the down-projection's GEMM, the forward
+    evaluated ``gelu(h)`` three times (norms, the GEMM's input, the gather). Ordered after the
+    GEMM (wtacompile.scheduling), the forward's generated code has as many ``erf`` as Inductor
+    alone's, and more without the reordering."""
+    from torch._inductor.utils import run_and_get_code
+
+    import wtacompile.scheduling as scheduling
+
+    torch.manual_seed(0)
+    model, x = PreNormMLP(), torch.randn(512, 64)
+
+    def erf_calls(options):
+        torch._dynamo.reset()
+        _, codes = run_and_get_code(torch.compile(copy.deepcopy(model), backend="wtacrs", options=options), x)
+        (forward,) = codes  # backward compiles at the first backward, which never comes here
+        return forward.count(".erf()") + forward.count("std::erf(")
+
+    alone = erf_calls({"keep_ratio": 1.0})
+    assert alone >= 1
+    assert erf_calls({"keep_ratio": 0.3}) == alone
+    monkeypatch.setattr(scheduling, "draw_after_first_matmul", lambda graph: 0)
+    assert erf_calls({"keep_ratio": 0.3}) > alone

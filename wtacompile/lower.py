@@ -283,7 +283,8 @@ def faster_min_cut():
 def pinned_min_cut_partition(joint_module: fx.GraphModule, joint_inputs, *, widen_masks: bool = False,
                              **kwargs):
     """Inductor's min-cut partitioner, after :func:`pin_sampled_choices`, its min cuts solved by
-    :func:`faster_min_cut`; with ``widen_masks`` (Inductor on CPU) boolean masks of sampled
+    :func:`faster_min_cut`, each draw then ordered after the first matmul reading its input
+    (:func:`wtacompile.scheduling.draw_after_first_matmul`); with ``widen_masks`` (Inductor on CPU) boolean masks of sampled
     inputs saved wide (:func:`widen_cpu_saved_masks`), their joint nodes marked
     :data:`SAVED_DTYPE` for the analysis."""
     sampled = pin_sampled_choices(joint_module.graph)
@@ -294,6 +295,11 @@ def pinned_min_cut_partition(joint_module: fx.GraphModule, joint_inputs, *, wide
     if sampled and widen_masks:  # on the partitioner's (CSE'd) joint graph
         for twin in widen_cpu_saved_masks(forward, backward, kwargs["num_fwd_outputs"], joint_module.graph):
             twin.meta[SAVED_DTYPE] = torch.bfloat16
+    if sampled:
+        from wtacompile.scheduling import draw_after_first_matmul
+
+        if draw_after_first_matmul(forward.graph):
+            forward.recompile()
     return forward, backward
 
 
@@ -307,7 +313,10 @@ class WtacrsPartitioner(CustomPartitionerFn):
     def uuid(self):
         from torch._inductor.custom_graph_pass import get_hash_for_files
 
-        return ("wtacompile.pinned_min_cut_partition", get_hash_for_files((__file__,)), _MIN_MASK_NUMEL)
+        from wtacompile import scheduling
+
+        return ("wtacompile.pinned_min_cut_partition", get_hash_for_files((__file__, scheduling.__file__)),
+                _MIN_MASK_NUMEL)
 
 
 def inner_compiler(config: WTAConfig, mode: str | None) -> Callable:
