@@ -284,9 +284,9 @@ def pinned_min_cut_partition(joint_module: fx.GraphModule, joint_inputs, *, wide
                              **kwargs):
     """Inductor's min-cut partitioner, after :func:`pin_sampled_choices`, its min cuts solved by
     :func:`faster_min_cut`, each draw then ordered after the first matmul reading its input
-    (:func:`wtacompile.scheduling.draw_after_first_matmul`); with ``widen_masks`` (Inductor on CPU) boolean masks of sampled
-    inputs saved wide (:func:`widen_cpu_saved_masks`), their joint nodes marked
-    :data:`SAVED_DTYPE` for the analysis."""
+    (:func:`wtacompile.scheduling.draw_after_first_matmul`); with ``widen_masks`` (Inductor on
+    CPU) boolean masks of sampled inputs saved wide (:func:`widen_cpu_saved_masks`), their joint
+    nodes marked :data:`SAVED_DTYPE` for the analysis."""
     sampled = pin_sampled_choices(joint_module.graph)
     kwargs.pop("compiler", None)
     with faster_min_cut():
