@@ -6,8 +6,8 @@ Builds the family's benchmark model (:func:`bench_frontier.build`), compiles it 
 alone and under ``backend="wtacrs"`` (Inductor inside), warms both, then profiles ``--steps``
 AdamW steps of each with ``torch.profiler`` (Inductor's generated CPU kernels profiled by name).
 It prints, per arm, the self time per step of each kind of work (:func:`kind`: weight-gradient
-GEMMs told from the others by their output shape, the draw, the learned row scores, Inductor's
-fused kernels, the optimizer), then the ``--top`` entries that differ most between the arms.
+GEMMs told from the others by their output shape, the draw and its eager internals, Inductor's
+fused kernels, attention, the optimizer), then the ``--top`` entries that differ most between the arms.
 Profiling slows small ops more than large ones, so read shares and differences, not absolute
 step times; those come from ``bench_frontier.py``. Runs with glibc keeping freed memory, as
 ``bench_frontier.py`` does.
@@ -35,16 +35,18 @@ def kind(name: str, shapes, weight_shapes: set) -> str:
     if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
         out = _mm_out_shape(name, shapes)
         return "GEMM: weight gradient" if out in weight_shapes else "GEMM: other"
-    if "sample_rows" in name:
+    # Inductor names a fused kernel after every op it holds: one that writes a GELU may also
+    # hold the draw's norms, so kernels are told apart before op names are read.
+    if "cpp_fused" in name or name.startswith("graph_"):
+        return "Inductor kernels"
+    if name == "wtacompile::sample_rows":
         return "draw (sample_rows)"
-    if name.startswith("aten::") and name in _DRAW_OPS:
+    if name in _DRAW_OPS:
         return "draw internals"
     if "scaled_dot_product" in name or "flash_attention" in name:
         return "attention"
     if "Optimizer" in name or "_foreach" in name or "adamw" in name.lower():
         return "optimizer"
-    if "cpp_fused" in name or name.startswith("graph_"):
-        return "Inductor kernels"
     return "other: " + name
 
 
