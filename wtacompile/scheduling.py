@@ -25,6 +25,8 @@ the GEMM on no part of the draw, and every moved node keeps its order among the 
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 import torch.fx as fx
 
@@ -47,24 +49,28 @@ def draw_after_first_matmul(graph: fx.Graph) -> int:
     such a node and comes before the GEMM. A draw whose nodes the GEMM depends on stays put.
     """
     draws = graph.find_nodes(op="call_function", target=torch.ops.wtacompile.sample_rows.default)
+    if not draws:
+        return 0
+    # One pass over the graph, not one per draw: a whole model's forward holds thousands of nodes
+    # and a draw per sampled input of every layer.
+    by_origin: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "call_function" and not is_storage_view(node):
+            by_origin[dynamo_origin(node)].append(node)
     moved = 0
     for draw in draws:
         origin = dynamo_origin(draw)
-        if origin is None:
-            continue
-        gemm = _first_realising_reader(sampled_storage(draw))
+        gemm = _first_realising_reader(sampled_storage(draw)) if origin is not None else None
         if gemm is None:
             continue
-        own = {n for n in graph.nodes if dynamo_origin(n) == origin and n.op == "call_function"
-               and not is_storage_view(n)}
-        moving, moving_set = [], set()
-        for node in graph.nodes:
-            if node is gemm:
-                break
+        own = set(by_origin[origin])
+        moving, moving_set, node = [], set(), by_origin[origin][0]
+        while node is not gemm and node.op != "root":  # to the GEMM, or past the end if it came first
             if node in own or not moving_set.isdisjoint(node.all_input_nodes):
                 moving.append(node)
                 moving_set.add(node)
-        if not moving or not moving_set.isdisjoint(gemm.all_input_nodes):
+            node = node.next
+        if node is not gemm or not moving or not moving_set.isdisjoint(gemm.all_input_nodes):
             continue
         anchor = gemm
         for node in moving:
@@ -79,15 +85,17 @@ def draw_after_first_matmul(graph: fx.Graph) -> int:
 def _first_realising_reader(root: fx.Node) -> fx.Node | None:
     """The first node in graph order that reads ``root``'s storage (through views) as a GEMM
     operand; ``None`` if none does."""
-    readers, frontier = [], [root]
+    readers, frontier = set(), [root]
     while frontier:
         node = frontier.pop()
         for user in node.users:
             if is_storage_view(user):
                 frontier.append(user)
             elif user.op == "call_function" and user.target in _REALISING:
-                readers.append(user)
-    if not readers:
-        return None
-    order = {n: i for i, n in enumerate(root.graph.nodes)}
-    return min(readers, key=order.__getitem__)
+                readers.add(user)
+    node = root
+    while readers and node.op != "root":  # readers come after root: walk on from it
+        if node in readers:
+            return node
+        node = node.next
+    return None
