@@ -58,8 +58,9 @@ import torch.fx as fx
 
 from wtacompile._compat import dynamo_origin, is_storage_view, joint_parameter_inputs, storage_root
 from wtacompile.analysis.graph_cost import graph_cost, with_recompute_of
-from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys, saved_bytes
-from wtacompile.analysis.partition_trace import PartitionTrace, copy_module, trace_largest_fitting, trace_partition
+from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys, saved_bytes, slopes_match
+from wtacompile.analysis.partition_trace import (PartitionTrace, batch_symbols_of, copy_module, trace_joint,
+                                                trace_largest_fitting, trace_partition)
 from wtacompile.config import WTAConfig
 from wtacompile.lower import SAVED_DTYPE, effective_partitioner_budget, expose_samples, sampled_storage
 from wtacompile.memory_model import Size
@@ -79,19 +80,17 @@ RAISED_BYTES_HEADROOM = 0.99
 def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     """Trace dense and all-candidates-sampled; group the candidates by input, with verdicts."""
     config = state.config
-    dense = trace_partition(gm, config)
+    # The eager inner compiler has no partitioner: torch's budget does not apply to it.
+    partitions = config.inner != "eager"
+    under_recompute = partitions and effective_partitioner_budget(config) < 1.0
+    dense, dense_sizer = _dense_trace(gm, config, under_recompute)
     parameters = joint_parameter_inputs(gm, dense.joint)
-    dense_sizer = Sizer(dense.joint, parameters)
     fuses = config.inner == "inductor"
     memory = graph_memory(dense, parameters, dense_sizer, fuses)
     cost = graph_cost(dense)
     candidates = [site for site in state.sites if site.skip_reason is None]
     if not candidates:
         return dataclasses.replace(state, analysis=SavingsAnalysis((), (), memory, cost))
-
-    # The eager inner compiler has no partitioner: torch's budget does not apply to it.
-    partitions = config.inner != "eager"
-    under_recompute = partitions and effective_partitioner_budget(config) < 1.0
     trial = copy_module(gm)
     # At budget 1 the sampled trace gives verdicts only, and those are structure: whether the
     # partition still keeps each input. Gradient-aware scores add the row cells and the learned
@@ -154,6 +153,33 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     cost = with_recompute_of(cost, dense, sampled)
     return dataclasses.replace(state, analysis=SavingsAnalysis(
         groups, untraced, memory, cost, under_recompute=True, raised_from=raised_from))
+
+
+def _dense_trace(gm: fx.GraphModule, config: WTAConfig, under_recompute: bool) -> tuple[PartitionTrace, Sizer]:
+    """The dense partition of ``gm`` and a :class:`Sizer` of its nodes.
+
+    A graph with a symbolic batch (a plan's search for the largest batch) needs each size as a
+    line in the batch. At partitioner budget 1 two static traces give it, at ``b₀`` (partitioned)
+    and at ``b₀ + 1`` (the joint graph only), in about two thirds of the time of one symbolic
+    trace (7B Llama shape, three blocks). The saved bytes are the symbolic trace's, number for
+    number (its slope is also the size at ``b₀ + 1`` minus ``b₀``). The backward can differ a
+    little: a symbolic trace cannot prove a slice of the whole tensor a no-op (Llama's
+    ``logits_to_keep``), and backpropagates it by scattering into zeros; the static compile a
+    user trains with at a fixed batch drops the slice, as the static traces do.
+    Below budget 1 the knapsack weighs sizes that a static trace at ``b₀`` may weigh otherwise
+    than the real, symbolic compile: the graph is traced symbolically, as it was captured.
+    """
+    batch = batch_symbols_of(gm) if not under_recompute else None
+    if batch is not None:
+        symbols, traced_batch = batch
+        dense = trace_partition(gm, config, static=True)
+        next_batch = trace_joint(gm, config, dict.fromkeys(symbols, traced_batch + 1))
+        if slopes_match(dense, next_batch):
+            return dense, Sizer(dense.joint, joint_parameter_inputs(gm, dense.joint), next_batch)
+        log.info("wtacrs: the joint graph traced at batch %d differs from the one at %d; "
+                 "tracing it with a symbolic batch instead", traced_batch + 1, traced_batch)
+    dense = trace_partition(gm, config)
+    return dense, Sizer(dense.joint, joint_parameter_inputs(gm, dense.joint))
 
 
 def raised_budgets(config: WTAConfig) -> tuple[float, ...]:

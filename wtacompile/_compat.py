@@ -25,6 +25,7 @@ __all__ = [
     "is_storage_view",
     "joint_parameter_inputs",
     "only_symbol",
+    "batch_symbols",
     "parameter_names",
     "parameter_placeholders",
     "placeholder_example",
@@ -214,6 +215,22 @@ def only_symbol(value: torch.SymInt):
     return symbol, int(backed_values(value.node.shape_env)[symbol])
 
 
+def batch_symbols(values) -> tuple[dict, int] | None:
+    """The shape symbols of the batch among a graph's input ``values``, and the batch they were
+    traced at: every symbol that alone is the leading dimension of a tensor input (parameters
+    excluded) and was traced at the same value as the first. Several inputs marked dynamic in
+    the batch may get symbols of their own where nothing in the graph equates them (an attention
+    mask that is all ones and never read); they all are the batch. ``None``: no symbolic batch."""
+    symbols: dict = {}
+    for value in values:
+        if (isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and value.dim()
+                and isinstance(value.shape[0], torch.SymInt)):
+            found = only_symbol(value.shape[0])
+            if found is not None and found[1] == next(iter(symbols.values()), found[1]):
+                symbols[found[0]] = found[1]
+    return (symbols, next(iter(symbols.values()))) if symbols else None
+
+
 def evaluate_at(value: torch.SymInt, assignment: dict) -> int:
     """``value`` with the symbols in ``assignment`` set, every other symbol at its traced value."""
     expr = value.node.expr.subs(assignment)
@@ -226,7 +243,8 @@ def evaluate_at(value: torch.SymInt, assignment: dict) -> int:
 # --------------------------------------------------------------------------- AOTAutograd
 
 
-def aot_trace(gm: fx.GraphModule, partition_fn, decompositions=None, *, static: bool = False) -> None:
+def aot_trace(gm: fx.GraphModule, partition_fn, decompositions=None, *, static: bool = False,
+              at: dict | None = None) -> None:
     """Run ``gm`` through AOTAutograd once, calling ``partition_fn(joint, inputs, **kw)`` on its joint
     graph; nothing is compiled and nothing is left behind for the real compile.
 
@@ -234,7 +252,9 @@ def aot_trace(gm: fx.GraphModule, partition_fn, decompositions=None, *, static: 
     ``TracingContext`` over their fake mode keeps this trace's guards and metadata separate.
     ``static=True`` traces a symbolic graph at its traced sizes instead (fresh fake tensors of
     the hint shapes, symbolic scalars as their hints): about half the cost where only the
-    structure of the partition is wanted, not sizes as functions of the batch.
+    structure of the partition is wanted, not sizes as functions of the batch. ``at`` (with
+    ``static``) sets some shape symbols to other values than their hints, ``{batch: b₀ + 1}``:
+    the same graph at another batch size.
     """
     from torch._dynamo.backends.debugging import boxed_nop
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -245,7 +265,7 @@ def aot_trace(gm: fx.GraphModule, partition_fn, decompositions=None, *, static: 
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        example_inputs = [_static_twin(v, fake_mode) for v in example_inputs]
+        example_inputs = [_static_twin(v, fake_mode, at or {}) for v in example_inputs]
     with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
         aot_module_simplified(
             gm, example_inputs, fw_compiler=boxed_nop, bw_compiler=boxed_nop,
@@ -258,19 +278,25 @@ def _has_symbols(values) -> bool:
         isinstance(d, torch.SymInt) for d in (*v.shape, *v.stride()))) for v in values)
 
 
-def _static_twin(value, fake_mode):
-    """``value`` at its traced sizes, in ``fake_mode``."""
+def _static_twin(value, fake_mode, at: dict):
+    """``value`` at its traced sizes (the symbols in ``at`` at their values there), in ``fake_mode``."""
+    if isinstance(value, torch.SymInt) and at:
+        return evaluate_at(value, at)
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return scalar_hint(value)
-    return fake_twin(value, fake_mode) if isinstance(value, torch.Tensor) else value
+    return fake_twin(value, fake_mode, at=at) if isinstance(value, torch.Tensor) else value
 
 
-def fake_twin(value: torch.Tensor, fake_mode, device: torch.device | None = None) -> torch.Tensor:
+def fake_twin(value: torch.Tensor, fake_mode, device: torch.device | None = None, *,
+              at: dict | None = None) -> torch.Tensor:
     """A fake tensor like ``value`` in ``fake_mode``: its (traced) sizes, strides, dtype and
-    ``requires_grad``, on ``device`` (default: ``value``'s); a parameter stays a parameter."""
+    ``requires_grad``, on ``device`` (default: ``value``'s); a parameter stays a parameter.
+    ``at``: shape symbols set to other values than their hints (see :func:`evaluate_at`)."""
+    def concrete(d):
+        return evaluate_at(d, at) if at and isinstance(d, torch.SymInt) else size_hint(d)
+
     with fake_mode:
-        twin = torch.empty_strided([size_hint(d) for d in value.shape],
-                                   [size_hint(d) for d in value.stride()],
+        twin = torch.empty_strided([concrete(d) for d in value.shape], [concrete(d) for d in value.stride()],
                                    dtype=value.dtype, device=device or value.device)
     if isinstance(value, torch.nn.Parameter):
         return torch.nn.Parameter(twin, requires_grad=value.requires_grad)

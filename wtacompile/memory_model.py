@@ -6,8 +6,9 @@ and each sampleable input into a :class:`SampleableInput`; everything here is ar
 so it is tested from hand-written numbers.
 
 Sizes depend on the batch ``b``. A :class:`Size` is exact at the traced batch ``b₀`` and affine
-elsewhere: ``traced + per_batch·(b − b₀)`` when the graph was traced with a symbolic batch
-dimension (the slope is read off the trace), else ``traced·b/b₀`` (proportional scaling).
+elsewhere: ``traced + per_batch·(b − b₀)`` when the graph was captured with a symbolic batch
+dimension (the slope is read off a symbolic trace, or off static traces at ``b₀`` and ``b₀ + 1``),
+else ``traced·b/b₀`` (proportional scaling).
 
 Model (bytes, at batch ``b``)::
 

@@ -18,27 +18,35 @@ from wtacompile._compat import (
     dynamo_origin,
     evaluate_at,
     is_storage_view,
-    only_symbol,
+    batch_symbols,
     size_hint,
     storage_root,
 )
-from wtacompile.lower import SAVED_DTYPE
+from wtacompile.lower import SAVED_DTYPE, WIDENED_FROM
 from wtacompile.memory_model import Allocation, GraphMemory, Size
 from .partition_trace import PartitionTrace
 
-__all__ = ["Sizer", "graph_memory", "module_path", "owning_module", "provenance_keys", "saved_bytes"]
+__all__ = ["Sizer", "graph_memory", "slopes_match", "module_path", "owning_module", "provenance_keys", "saved_bytes"]
 
 
 class Sizer:
-    """Bytes of joint-graph nodes as :class:`Size` s (cached: one symbolic evaluation per node)."""
+    """Bytes of joint-graph nodes as :class:`Size` s (cached: one evaluation per node).
 
-    def __init__(self, joint: fx.GraphModule, parameter_inputs: set[str]) -> None:
-        self._batch = _batch_symbol(joint, parameter_inputs)
+    Affine in the batch when ``joint`` was traced with a symbolic batch (the numel evaluated at
+    ``b₀ + 1``), or when ``next_batch`` is the same joint graph traced statically one batch row
+    larger (:func:`~wtacompile.analysis.partition_trace.trace_joint`): the slope is the
+    difference of a node's sizes in the two, matched by name. Otherwise static.
+    """
+
+    def __init__(self, joint: fx.GraphModule, parameter_inputs: set[str],
+                 next_batch: fx.GraphModule | None = None) -> None:
+        self._next = None if next_batch is None else {n.name: n for n in next_batch.graph.nodes}
+        self._batch = _batch_symbols(joint, parameter_inputs) if next_batch is None else None
         self._cache: dict[fx.Node, Size] = {}
 
     @property
     def symbolic(self) -> bool:
-        return self._batch is not None
+        return self._batch is not None or self._next is not None
 
     def __call__(self, node: fx.Node) -> Size:
         if node not in self._cache:
@@ -53,24 +61,41 @@ class Sizer:
         itemsize = node.meta.get(SAVED_DTYPE, value.dtype).itemsize
         numel = value.numel()
         traced = size_hint(numel) * itemsize
+        if self._next is not None:
+            # A mask the partitioner widened is a node of its own, as large as the one it widens.
+            twin = self._next[node.meta.get(WIDENED_FROM) or node.name]
+            return Size(traced, size_hint(twin.meta["val"].numel()) * itemsize - traced)
         if self._batch is None:
             return Size(traced)
         if not isinstance(numel, torch.SymInt):
             return Size(traced, 0)
-        symbol, b0 = self._batch
+        symbols, b0 = self._batch
         # Other symbols (a dynamic sequence length) keep their traced values.
-        return Size(traced, evaluate_at(numel, {symbol: b0 + 1}) * itemsize - traced)
+        return Size(traced, evaluate_at(numel, dict.fromkeys(symbols, b0 + 1)) * itemsize - traced)
 
 
-def _batch_symbol(joint: fx.GraphModule, parameter_inputs: set[str]):
-    """(symbol, traced value) of a symbolic leading input dimension, if the trace has one."""
-    for node in joint.graph.find_nodes(op="placeholder"):
-        value = node.meta.get("val")
-        if node.name in parameter_inputs or not isinstance(value, torch.Tensor) or not value.dim():
-            continue
-        if isinstance(value.shape[0], torch.SymInt) and only_symbol(value.shape[0]) is not None:
-            return only_symbol(value.shape[0])
-    return None
+def slopes_match(partitioned: PartitionTrace, next_batch: fx.GraphModule) -> bool:
+    """Whether every tensor node of a partitioned trace (joint, forward and backward graphs) has a
+    twin of the same name (and op, where it computes; the split graphs receive saved values as
+    inputs named after them) in ``next_batch`` (see :class:`Sizer`): traces at two batch sizes
+    take the same decompositions unless the code branches on the batch."""
+    twins = {n.name: n for n in next_batch.graph.nodes}
+    for graph in (partitioned.joint, partitioned.forward, partitioned.backward):
+        for node in graph.graph.nodes:
+            if node.op == "output" or not isinstance(node.meta.get("val"), torch.Tensor):
+                continue
+            widened_from = node.meta.get(WIDENED_FROM)
+            twin = twins.get(widened_from or node.name)
+            if (twin is None or not isinstance(twin.meta.get("val"), torch.Tensor)
+                    or (node.op == "call_function" and twin.target != node.target and not widened_from)):
+                return False
+    return True
+
+
+def _batch_symbols(joint: fx.GraphModule, parameter_inputs: set[str]) -> tuple[dict, int] | None:
+    """The batch's symbols among the joint graph's inputs (see :func:`batch_symbols`)."""
+    return batch_symbols(n.meta.get("val") for n in joint.graph.find_nodes(op="placeholder")
+                         if n.name not in parameter_inputs)
 
 
 def graph_memory(trace: PartitionTrace, parameter_inputs: set[str], sizer: Sizer,

@@ -26,14 +26,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from wtacompile._compat import aot_trace, specialize_scalar_inputs, storage_root
+from wtacompile._compat import aot_trace, batch_symbols, specialize_scalar_inputs, storage_root
 from wtacompile.config import WTAConfig
 from wtacompile.lower import (WIDENED_FROM, effective_partitioner_budget, partitioner_budget,
                               pinned_min_cut_partition, widens_masks)
 from wtacompile.solver import largest_fitting
 
-__all__ = ["JointGraphs", "PartitionTrace", "TracedJoint", "copy_module", "reusing_joint_graphs",
-           "trace_largest_fitting", "trace_partition"]
+__all__ = ["JointGraphs", "PartitionTrace", "TracedJoint", "batch_symbols_of", "copy_module", "reusing_joint_graphs",
+           "trace_joint", "trace_largest_fitting", "trace_partition"]
 
 
 @dataclass(frozen=True)
@@ -173,11 +173,7 @@ def trace_largest_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequen
         captured.append(split_at_largest_fitting(joint, joint_inputs, kwargs, keep=key is not None))
         return captured[-1][0].forward, captured[-1][0].backward
 
-    decompositions = None
-    if config.inner == "inductor":
-        from torch._inductor.decomposition import select_decomp_table
-
-        decompositions = select_decomp_table()
+    decompositions = _decompositions(config)
     traced = copy_module(gm)
     specialize_scalar_inputs(traced)
     with partitioner_budget(config):
@@ -187,6 +183,55 @@ def trace_largest_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequen
     if key is not None and len(traced_joints) == 1 and not _has_subgraph_calls(traced_joints[0].joint):
         joints[key] = traced_joints[0]
     return captured[-1]  # the outer graph's: higher-order ops' bodies are partitioned first
+
+
+class _JointTraced(Exception):
+    """Stops an AOTAutograd trace once its joint graph is made (see :func:`trace_joint`)."""
+
+    def __init__(self, joint: fx.GraphModule) -> None:
+        super().__init__("joint graph traced")
+        self.joint = joint
+
+
+def trace_joint(gm: fx.GraphModule, config: WTAConfig, at: dict) -> fx.GraphModule:
+    """``gm``'s joint graph traced statically with the shape symbols in ``at`` set to the values
+    there (every other at its hint), as :func:`trace_partition` traces it, but not partitioned.
+
+    ``at = {batch: b₀ + 1}`` gives the same graph one batch row larger: beside a static trace at
+    ``b₀``, each node's size at ``b₀ + 1`` is its slope in the batch, which a symbolic trace would
+    give for about twice the tracing time (its shape arithmetic runs through sympy).
+    """
+    joint_passes = config.inner == "inductor" and effective_partitioner_budget(config) < 1.0
+
+    def stop_at_joint(joint, joint_inputs, **_kwargs):
+        if joint_passes:
+            joint = _inductor_joint_passes(joint, joint_inputs)
+        raise _JointTraced(joint)
+
+    decompositions = _decompositions(config)
+    traced = copy_module(gm)
+    specialize_scalar_inputs(traced)
+    try:
+        with partitioner_budget(config):
+            aot_trace(traced, stop_at_joint, decompositions, static=True, at=at)
+    except _JointTraced as done:
+        return done.joint
+    raise RuntimeError("wtacrs analysis: AOTAutograd produced no joint graph")
+
+
+def _decompositions(config: WTAConfig):
+    """The inner compiler's decompositions (Inductor's; none for the others)."""
+    if config.inner != "inductor":
+        return None
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()
+
+
+def batch_symbols_of(gm: fx.GraphModule) -> tuple[dict, int] | None:
+    """The batch's shape symbols among ``gm``'s inputs and the batch traced (see
+    :func:`wtacompile._compat.batch_symbols`), or ``None``."""
+    return batch_symbols(n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder"))
 
 
 def _has_subgraph_calls(joint: fx.GraphModule) -> bool:

@@ -42,8 +42,9 @@ def capture_analyses(model: torch.nn.Module, example_inputs, config: WTAConfig,
                      symbolic_batch: int | None) -> list[CompileState]:
     """Analysed training graphs of ``model`` on ``example_inputs``, in forward order.
 
-    ``symbolic_batch``: the batch size to mark dynamic (one trace then serves every batch size;
-    it costs about twice the tracing time), or ``None`` for a static trace.
+    ``symbolic_batch``: the batch size to mark dynamic (one capture then serves every batch size;
+    at partitioner budget 1 the analysis traces it statically at that batch and one larger, for
+    about 1.7 times the tracing time of a fixed batch), or ``None`` for a static trace.
     """
     return analyse_graphs(capture_graphs(model, example_inputs, symbolic_batch), config, keep_joints=False)
 

@@ -2,9 +2,10 @@
 
 The memory model is :mod:`wtacompile.memory_model` (documented there), fed by the backend's own
 analysis of each captured graph; the ratios come from :func:`wtacompile.solver.solve`. Sizes are
-exact at the traced batch. When searching for the largest batch the graphs are traced once with
-a symbolic batch dimension and evaluated at any batch; for a fixed ``batch_size`` the max-batch
-figures assume proportional scaling from it.
+exact at the traced batch. When searching for the largest batch dynamo captures the graphs once
+with a symbolic batch dimension, and each size becomes a line in the batch (at partitioner budget
+1 from static traces at batches 2 and 3, below it from a symbolic trace); for a fixed
+``batch_size`` the max-batch figures assume proportional scaling from it.
 """
 
 from __future__ import annotations
