@@ -59,8 +59,8 @@ import torch.fx as fx
 from wtacompile._compat import dynamo_origin, is_storage_view, joint_parameter_inputs, storage_root
 from wtacompile.analysis.graph_cost import graph_cost, with_recompute_of
 from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys, saved_bytes, slopes_match
-from wtacompile.analysis.partition_trace import (PartitionTrace, batch_symbols_of, copy_module, trace_joint,
-                                                trace_largest_fitting, trace_partition)
+from wtacompile.analysis.partition_trace import (PartitionTrace, batch_symbols_of, copy_module, has_subgraph_calls,
+                                                trace_joint, trace_largest_fitting, trace_partition)
 from wtacompile.config import WTAConfig
 from wtacompile.lower import SAVED_DTYPE, effective_partitioner_budget, expose_samples, sampled_storage
 from wtacompile.memory_model import Size
@@ -161,7 +161,8 @@ def _dense_trace(gm: fx.GraphModule, config: WTAConfig, under_recompute: bool) -
     A graph with a symbolic batch (a plan's search for the largest batch) needs each size as a
     line in the batch. At partitioner budget 1 two static traces give it, at ``b₀`` (partitioned)
     and at ``b₀ + 1`` (the joint graph only), in about two thirds of the time of one symbolic
-    trace (7B Llama shape, three blocks). The saved bytes are the symbolic trace's, number for
+    trace (7B Llama shape, three blocks); where the two do not match (:func:`slopes_match`), the
+    second fails, or the graph calls ``invoke_subgraph``, the symbolic trace is made instead. The saved bytes are the symbolic trace's, number for
     number (its slope is also the size at ``b₀ + 1`` minus ``b₀``). The backward can differ a
     little: a symbolic trace cannot prove a slice of the whole tensor a no-op (Llama's
     ``logits_to_keep``), and backpropagates it by scattering into zeros; the static compile a
@@ -169,15 +170,20 @@ def _dense_trace(gm: fx.GraphModule, config: WTAConfig, under_recompute: bool) -
     Below budget 1 the knapsack weighs sizes that a static trace at ``b₀`` may weigh otherwise
     than the real, symbolic compile: the graph is traced symbolically, as it was captured.
     """
-    batch = batch_symbols_of(gm) if not under_recompute else None
+    batch = batch_symbols_of(gm) if not under_recompute and not has_subgraph_calls(gm) else None
     if batch is not None:
         symbols, traced_batch = batch
         dense = trace_partition(gm, config, static=True)
-        next_batch = trace_joint(gm, config, dict.fromkeys(symbols, traced_batch + 1))
-        if slopes_match(dense, next_batch):
-            return dense, Sizer(dense.joint, joint_parameter_inputs(gm, dense.joint), next_batch)
-        log.info("wtacrs: the joint graph traced at batch %d differs from the one at %d; "
-                 "tracing it with a symbolic batch instead", traced_batch + 1, traced_batch)
+        try:
+            next_batch = trace_joint(gm, config, dict.fromkeys(symbols, traced_batch + 1))
+        except Exception as error:  # noqa: BLE001 - the symbolic trace below is the answer then
+            log.warning("wtacrs: tracing the graph at batch %d failed (%s: %s); tracing it with a "
+                        "symbolic batch instead (slower)", traced_batch + 1, type(error).__name__, error)
+        else:
+            if slopes_match(dense, next_batch):
+                return dense, Sizer(dense.joint, joint_parameter_inputs(gm, dense.joint), next_batch)
+            log.info("wtacrs: the joint graph traced at batch %d differs from the one at %d; "
+                     "tracing it with a symbolic batch instead", traced_batch + 1, traced_batch)
     dense = trace_partition(gm, config)
     return dense, Sizer(dense.joint, joint_parameter_inputs(gm, dense.joint))
 

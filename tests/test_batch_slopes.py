@@ -10,6 +10,7 @@ made at that batch."""
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import pytest
@@ -77,3 +78,41 @@ def test_two_static_traces_give_the_symbolic_saved_bytes_and_each_batch_static_n
 
 def _sorted(owners):
     return sorted(owners, key=lambda owner: (owner[0], owner[1].traced, owner[1].per_batch))
+
+
+def _first_mm(joint):
+    return next(n for n in joint.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.mm.default)
+
+
+def _other_op(joint):
+    _first_mm(joint).target = torch.ops.aten.addmm.default
+
+
+def _other_input(joint):
+    mm = _first_mm(joint)
+    mm.args = (mm.args[1], mm.args[0])  # what CSE merging two nodes at one batch only looks like
+
+
+def _fails(joint):
+    raise RuntimeError("the trace at batch 3 failed")
+
+
+@pytest.mark.parametrize("alter", [_other_op, _other_input, _fails])
+def test_a_second_trace_that_differs_or_fails_gives_way_to_the_symbolic_trace(alter, monkeypatch, caplog):
+    model, batch = build("llama")
+    model.train()
+    gm = capture_graphs(model, batch, symbolic_batch=2).graphs[0][0]
+    real = analyze_savings.trace_joint
+
+    def altered(*args):
+        joint = real(*args)
+        alter(joint)
+        return joint
+
+    monkeypatch.setattr(analyze_savings, "trace_joint", altered)
+    with caplog.at_level(logging.INFO, "wtacompile"):
+        dense, sizer = analyze_savings._dense_trace(gm, CONFIG, under_recompute=False)
+    assert "symbolic batch instead" in caplog.text
+    assert sizer._next is None and sizer.symbolic  # the symbolic trace's sizer
+    assert any(isinstance(d, torch.SymInt) for n in dense.joint.graph.find_nodes(op="placeholder")
+               for d in getattr(n.meta.get("val"), "shape", ()))

@@ -22,7 +22,7 @@ from wtacompile._compat import (
     size_hint,
     storage_root,
 )
-from wtacompile.lower import SAVED_DTYPE, WIDENED_FROM
+from wtacompile.lower import SAVED_DTYPE
 from wtacompile.memory_model import Allocation, GraphMemory, Size
 from .partition_trace import PartitionTrace
 
@@ -34,8 +34,9 @@ class Sizer:
 
     Affine in the batch when ``joint`` was traced with a symbolic batch (the numel evaluated at
     ``b₀ + 1``), or when ``next_batch`` is the same joint graph traced statically one batch row
-    larger (:func:`~wtacompile.analysis.partition_trace.trace_joint`): the slope is the
-    difference of a node's sizes in the two, matched by name. Otherwise static.
+    larger (:func:`~wtacompile.analysis.partition_trace.trace_joint`; :func:`slopes_match` must
+    hold): the slope is the difference of a node's sizes in the two, matched by name. Otherwise
+    static.
     """
 
     def __init__(self, joint: fx.GraphModule, parameter_inputs: set[str],
@@ -62,9 +63,7 @@ class Sizer:
         numel = value.numel()
         traced = size_hint(numel) * itemsize
         if self._next is not None:
-            # A mask the partitioner widened is a node of its own, as large as the one it widens.
-            twin = self._next[node.meta.get(WIDENED_FROM) or node.name]
-            return Size(traced, size_hint(twin.meta["val"].numel()) * itemsize - traced)
+            return Size(traced, size_hint(self._next[node.name].meta["val"].numel()) * itemsize - traced)
         if self._batch is None:
             return Size(traced)
         if not isinstance(numel, torch.SymInt):
@@ -75,19 +74,28 @@ class Sizer:
 
 
 def slopes_match(partitioned: PartitionTrace, next_batch: fx.GraphModule) -> bool:
-    """Whether every tensor node of a partitioned trace (joint, forward and backward graphs) has a
-    twin of the same name (and op, where it computes; the split graphs receive saved values as
-    inputs named after them) in ``next_batch`` (see :class:`Sizer`): traces at two batch sizes
-    take the same decompositions unless the code branches on the batch."""
+    """Whether ``next_batch`` (the joint graph of ``partitioned`` traced one batch row larger,
+    dead code removed and CSE'd as the partitioner does) can give each node of ``partitioned``
+    its slope (see :class:`Sizer`): every computed node of the joint graph has a twin of the same
+    name, op and input names, and every tensor of the forward and backward graphs (which receive
+    saved values as inputs named after them) a twin of its name.
+
+    Traces at two batch sizes take the same decompositions unless the code branches on the
+    batch; CSE can still merge two nodes at one size and not at the other (``x * 2`` and
+    ``x * batch`` at batch 2), which the input names show. A node the partitioner makes has no
+    twin (a widened mask: only sampled graphs have them)."""
     twins = {n.name: n for n in next_batch.graph.nodes}
+    for node in partitioned.joint.graph.nodes:
+        twin = twins.get(node.name)
+        if node.op == "call_function" and (twin is None or twin.target != node.target or [
+                a.name for a in twin.all_input_nodes] != [a.name for a in node.all_input_nodes]):
+            return False
     for graph in (partitioned.joint, partitioned.forward, partitioned.backward):
         for node in graph.graph.nodes:
             if node.op == "output" or not isinstance(node.meta.get("val"), torch.Tensor):
                 continue
-            widened_from = node.meta.get(WIDENED_FROM)
-            twin = twins.get(widened_from or node.name)
-            if (twin is None or not isinstance(twin.meta.get("val"), torch.Tensor)
-                    or (node.op == "call_function" and twin.target != node.target and not widened_from)):
+            twin = twins.get(node.name)
+            if twin is None or not isinstance(twin.meta.get("val"), torch.Tensor):
                 return False
     return True
 

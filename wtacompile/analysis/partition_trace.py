@@ -32,8 +32,8 @@ from wtacompile.lower import (WIDENED_FROM, effective_partitioner_budget, partit
                               pinned_min_cut_partition, widens_masks)
 from wtacompile.solver import largest_fitting
 
-__all__ = ["JointGraphs", "PartitionTrace", "TracedJoint", "batch_symbols_of", "copy_module", "reusing_joint_graphs",
-           "trace_joint", "trace_largest_fitting", "trace_partition"]
+__all__ = ["JointGraphs", "PartitionTrace", "TracedJoint", "batch_symbols_of", "copy_module", "has_subgraph_calls",
+           "reusing_joint_graphs", "trace_joint", "trace_largest_fitting", "trace_partition"]
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def trace_largest_fitting(gm: fx.GraphModule, config: WTAConfig, budgets: Sequen
         aot_trace(traced, recording_partition, decompositions, static=static)
     if not captured:
         raise RuntimeError("wtacrs analysis: AOTAutograd produced no joint graph to partition")
-    if key is not None and len(traced_joints) == 1 and not _has_subgraph_calls(traced_joints[0].joint):
+    if key is not None and len(traced_joints) == 1 and not has_subgraph_calls(traced_joints[0].joint):
         joints[key] = traced_joints[0]
     return captured[-1]  # the outer graph's: higher-order ops' bodies are partitioned first
 
@@ -195,28 +195,31 @@ class _JointTraced(Exception):
 
 def trace_joint(gm: fx.GraphModule, config: WTAConfig, at: dict) -> fx.GraphModule:
     """``gm``'s joint graph traced statically with the shape symbols in ``at`` set to the values
-    there (every other at its hint), as :func:`trace_partition` traces it, but not partitioned.
+    there (every other at its hint), as :func:`trace_partition` traces it at partitioner budget 1,
+    and cleaned up as the partitioner first cleans it (dead code, CSE), but not partitioned.
 
     ``at = {batch: b₀ + 1}`` gives the same graph one batch row larger: beside a static trace at
-    ``b₀``, each node's size at ``b₀ + 1`` is its slope in the batch, which a symbolic trace would
-    give for about twice the tracing time (its shape arithmetic runs through sympy).
+    ``b₀``, each node's size at ``b₀ + 1`` is its slope in the batch (see
+    :func:`wtacompile.analysis.graph_numbers.slopes_match`). Not for graphs calling
+    ``invoke_subgraph``: AOTAutograd hands their bodies to the partitioner first.
     """
-    joint_passes = config.inner == "inductor" and effective_partitioner_budget(config) < 1.0
+    from torch._functorch.compile_utils import fx_graph_cse
 
-    def stop_at_joint(joint, joint_inputs, **_kwargs):
-        if joint_passes:
-            joint = _inductor_joint_passes(joint, joint_inputs)
+    def stop_at_joint(joint, _joint_inputs, **_kwargs):
         raise _JointTraced(joint)
 
-    decompositions = _decompositions(config)
     traced = copy_module(gm)
     specialize_scalar_inputs(traced)
     try:
-        with partitioner_budget(config):
-            aot_trace(traced, stop_at_joint, decompositions, static=True, at=at)
+        aot_trace(traced, stop_at_joint, _decompositions(config), static=True, at=at)
     except _JointTraced as done:
-        return done.joint
-    raise RuntimeError("wtacrs analysis: AOTAutograd produced no joint graph")
+        joint = done.joint
+    else:
+        raise RuntimeError("wtacrs analysis: AOTAutograd produced no joint graph")
+    joint.graph.eliminate_dead_code()
+    if torch._functorch.config.cse:
+        joint.graph = fx_graph_cse(joint.graph)
+    return joint
 
 
 def _decompositions(config: WTAConfig):
@@ -234,8 +237,8 @@ def batch_symbols_of(gm: fx.GraphModule) -> tuple[dict, int] | None:
     return batch_symbols(n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder"))
 
 
-def _has_subgraph_calls(joint: fx.GraphModule) -> bool:
-    """Whether ``joint`` calls ``invoke_subgraph`` bodies (partitioned during the trace, perhaps
+def has_subgraph_calls(joint: fx.GraphModule) -> bool:
+    """Whether ``joint`` (or a dynamo graph) calls ``invoke_subgraph`` bodies (partitioned during the trace, perhaps
     by a partitioner of their own that never reaches ours)."""
     target = getattr(torch.ops.higher_order, "invoke_subgraph", None)
     return target is not None and any(joint.graph.find_nodes(op="call_function", target=target))
