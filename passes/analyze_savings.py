@@ -162,8 +162,9 @@ def _dense_trace(gm: fx.GraphModule, config: WTAConfig, under_recompute: bool) -
     line in the batch. At partitioner budget 1 two static traces give it, at ``b₀`` (partitioned)
     and at ``b₀ + 1`` (the joint graph only), in about two thirds of the time of one symbolic
     trace (7B Llama shape, three blocks); where the two do not match (:func:`slopes_match`), the
-    second fails, or the graph calls ``invoke_subgraph``, the symbolic trace is made instead. The saved bytes are the symbolic trace's, number for
-    number (its slope is also the size at ``b₀ + 1`` minus ``b₀``). The backward can differ a
+    second fails, or the graph calls ``invoke_subgraph``, the symbolic trace is made instead.
+    The saved bytes are the symbolic trace's, number for number (its slope is also the size at
+    ``b₀ + 1`` minus ``b₀``). The backward can differ a
     little: a symbolic trace cannot prove a slice of the whole tensor a no-op (Llama's
     ``logits_to_keep``), and backpropagates it by scattering into zeros; the static compile a
     user trains with at a fixed batch drops the slice, as the static traces do.

@@ -218,9 +218,10 @@ def only_symbol(value: torch.SymInt):
 def batch_symbols(values) -> tuple[dict, int] | None:
     """The shape symbols of the batch among a graph's input ``values``, and the batch they were
     traced at: every symbol that is the only one in the leading dimension of a tensor input
-    (parameters excluded) and was traced at the same value as the first. Several inputs marked dynamic in
-    the batch may get symbols of their own where nothing in the graph equates them (an attention
-    mask that is all ones and never read); they all are the batch. ``None``: no symbolic batch."""
+    (parameters excluded) and was traced at the same value as the first. Several inputs marked
+    dynamic in the batch may get symbols of their own where nothing in the graph equates them (an
+    attention mask that is all ones and never read); they all are the batch. ``None``: no
+    symbolic batch."""
     symbols: dict = {}
     for value in values:
         if (isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and value.dim()
