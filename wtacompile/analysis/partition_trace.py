@@ -237,11 +237,11 @@ def batch_symbols_of(gm: fx.GraphModule) -> tuple[dict, int] | None:
     return batch_symbols(n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder"))
 
 
-def has_subgraph_calls(joint: fx.GraphModule) -> bool:
-    """Whether ``joint`` (or a dynamo graph) calls ``invoke_subgraph`` bodies (partitioned during the trace, perhaps
-    by a partitioner of their own that never reaches ours)."""
+def has_subgraph_calls(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` (a joint or a dynamo graph) calls ``invoke_subgraph`` bodies (partitioned
+    during the trace, perhaps by a partitioner of their own that never reaches ours)."""
     target = getattr(torch.ops.higher_order, "invoke_subgraph", None)
-    return target is not None and any(joint.graph.find_nodes(op="call_function", target=target))
+    return target is not None and any(gm.graph.find_nodes(op="call_function", target=target))
 
 
 def _joint_key(gm: fx.GraphModule, inner: str, static: bool, joint_passes: bool) -> tuple:
