@@ -3,8 +3,10 @@ import os
 import pytest
 import torch
 
-# Two cores on CI: keep intra-op threads from oversubscribing.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two cores on CI: keep intra-op threads from oversubscribing, the cores shared among
+# pytest-xdist's workers (README runs two: most of a test's time is single-threaded tracing).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(autouse=True)
