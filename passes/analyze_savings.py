@@ -164,10 +164,10 @@ def _dense_trace(gm: fx.GraphModule, config: WTAConfig, under_recompute: bool) -
     trace (7B Llama shape, three blocks); where the two do not match (:func:`slopes_match`), the
     second fails, or the graph calls ``invoke_subgraph``, the symbolic trace is made instead.
     The saved bytes are the symbolic trace's, number for number (its slope is also the size at
-    ``b₀ + 1`` minus ``b₀``). The backward can differ a
-    little: a symbolic trace cannot prove a slice of the whole tensor a no-op (Llama's
-    ``logits_to_keep``), and backpropagates it by scattering into zeros; the static compile a
-    user trains with at a fixed batch drops the slice, as the static traces do.
+    ``b₀ + 1`` minus ``b₀``). The backward can differ a little: a symbolic trace cannot prove a
+    slice of the whole tensor a no-op (Llama's ``logits_to_keep``), and backpropagates it by
+    scattering into zeros; the static compile a user trains with at a fixed batch drops the
+    slice, as the static traces do.
     Below budget 1 the knapsack weighs sizes that a static trace at ``b₀`` may weigh otherwise
     than the real, symbolic compile: the graph is traced symbolically, as it was captured.
     """

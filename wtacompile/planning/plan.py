@@ -5,8 +5,8 @@ analysis of each captured graph; the ratios come from :func:`wtacompile.solver.s
 exact at the traced batch. When searching for the largest batch dynamo captures the graphs once
 with a symbolic batch dimension, and each size becomes a line in the batch (at partitioner budget
 1 from static traces at the traced batch and one more, 2 and 3 for the inputs ``plan()`` makes;
-below it from a symbolic trace); for a fixed
-``batch_size`` the max-batch figures assume proportional scaling from it.
+below it from a symbolic trace); for a fixed ``batch_size`` the max-batch figures assume
+proportional scaling from it.
 """
 
 from __future__ import annotations
