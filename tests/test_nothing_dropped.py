@@ -279,6 +279,9 @@ def test_eager_include_string_is_one_pattern():
     (["--mem-gb", "-3"], "positive float"),
     (["--seq-len", "-4"], "positive int"),
     (["--batch-size", "0"], "positive int"),
+    (["--set", "hidden_size=33", "--set", "num_attention_heads=2"], "not a multiple of the number of attention heads"),
+    (["--task", "seq-cls"], "add --set pad_token_id=0"),
+    (["--task", "image-cls"], "transformers has no such model for LlamaConfig"),
 ])
 def test_cli_usage_errors(argv, match, capsys):
     from wtacompile.cli import main
@@ -326,6 +329,31 @@ def test_plan_bad_arguments(kwargs, match):
     model, _ = build("bert")
     with pytest.raises(ValueError, match=match):
         plan(model, **kwargs)
+
+
+def test_plan_refuses_a_seq_len_its_example_inputs_contradict():
+    model, batch = build("bert")
+    length = batch["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=f"seq_len={length + 1} but example_inputs have sequence length {length}"):
+        plan(model, 1.0, seq_len=length + 1, example_inputs=batch, inner="aot_eager")
+
+
+def test_plan_names_the_position_table_a_sequence_outgrows():
+    model, _ = build("bert")  # 64 learned positions
+    with pytest.raises(ValueError, match=r"longer than the model's position table .*position_embeddings \(64"):
+        plan(model, 1.0, batch_size=2, seq_len=80, inner="aot_eager", activation_budgets=(1.0,))
+
+
+def test_plan_says_when_the_largest_batch_is_the_search_limit():
+    model, _ = build("bert")
+    capped = plan(model, 1000.0, seq_len=16, max_batch=8, inner="aot_eager", activation_budgets=(1.0,))
+    assert capped.max_batch_size == capped.baseline_max_batch_size == capped.max_batch == 8
+    assert "the search stops at max_batch=8" in str(capped)
+    assert wtacompile.Plan.from_json(capped.to_json()).max_batch == 8
+    roomy = plan(model, 1000.0, seq_len=16, batch_size=4, inner="aot_eager", activation_budgets=(1.0,))
+    assert roomy.max_batch_size == (1 << 16) and "search stops" in str(roomy)  # the default limit
+    tight = plan(model, 1e-3, seq_len=16, inner="aot_eager", activation_budgets=(1.0,))
+    assert 0 < tight.max_batch_size < tight.max_batch and "search stops" not in str(tight)
 
 
 def test_plan_json_with_string_fits_is_refused():

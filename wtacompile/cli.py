@@ -67,7 +67,11 @@ def build_config(spec: str, overrides: list[str]):
     if unknown:
         raise UsageError(f"--set: {type(defaults).__name__} has no field {', '.join(map(repr, unknown))}; "
                          "check the spelling against the model's config.json")
-    return AutoConfig.for_model(spec, **{**data, **values})
+    try:
+        return AutoConfig.for_model(spec, **{**data, **values})
+    except Exception as err:  # noqa: BLE001 - the config's own checks (huggingface_hub's are no ValueError)
+        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise UsageError(f"{type(defaults).__name__} rejects these values: {reason}") from None
 
 
 def _positive(kind):
@@ -86,14 +90,27 @@ def _positive(kind):
 
 
 def build_model(config, task: str, dtype: torch.dtype):
+    """The ``task``'s model for ``config`` on the meta device.
+
+    Raises:
+        UsageError: transformers has no such model for this config, or a sequence classifier
+            without a padding token (it finds each row's last token by it; batches above 1 fail).
+    """
     import transformers as tf
 
     auto = {
         "causal-lm": tf.AutoModelForCausalLM, "seq-cls": tf.AutoModelForSequenceClassification,
         "seq2seq": tf.AutoModelForSeq2SeqLM, "image-cls": tf.AutoModelForImageClassification,
     }[task]
-    with torch.device("meta"):
-        return auto.from_config(config, torch_dtype=dtype)
+    if task == "seq-cls" and getattr(config, "pad_token_id", 0) is None:
+        raise UsageError(f"--task seq-cls: {type(config).__name__} sets no pad_token_id, which the "
+                         "classifier needs to find each row's last token; add --set pad_token_id=0")
+    try:
+        with torch.device("meta"):
+            return auto.from_config(config, torch_dtype=dtype)
+    except ValueError as err:  # no model class of this task for this config
+        raise UsageError(f"--task {task}: transformers has no such model for {type(config).__name__} "
+                         f"({str(err).splitlines()[0]})") from None
 
 
 PEFT_TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
@@ -148,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = build_config(args.config, args.set)
+        model = build_model(config, args.task, DTYPES[args.dtype])
     except UsageError as err:
         p.error(str(err))
-    model = build_model(config, args.task, DTYPES[args.dtype])
     if args.lora_rank:
         model = with_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets, args.task)
     elif args.lora_alpha is not None or args.lora_targets != "all-linear":

@@ -61,6 +61,9 @@ class Plan:
     # training at budget 1 (wtacompile.time_model).
     activation_memory_budget: float = 1.0
     predicted_step_time: float | None = None  # None: a plan of schema /1, made before the model
+    # The largest batch the search tried (plan(max_batch=...)): a largest batch equal to it is a
+    # lower bound. None: a plan made before the field was recorded.
+    max_batch: int | None = None
 
     def plot(self, path: str) -> None:
         """Draw per-layer saved bytes (dense vs plan) and the peak breakdown against the budget to
@@ -127,8 +130,11 @@ class Plan:
         timing = ("" if self.predicted_step_time is None else
                   f"; predicted step time {self.predicted_step_time:.2f}x dense training")
         lines.append(f"  partitioner: {recompute}{timing}")
+        capped = self.max_batch is not None and self.max_batch_size >= self.max_batch
         lines.append(f"  largest batch that fits: {self.baseline_max_batch_size} dense, "
-                     f"{self.max_batch_size} with sampling")
+                     f"{self.max_batch_size} with sampling"
+                     + (f" (the search stops at max_batch={self.max_batch}: larger batches may fit too)"
+                        if capped else ""))
         if self.advice:
             lines.append(f"  {self.advice}")
         return "\n".join(lines)

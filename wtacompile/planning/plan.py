@@ -87,8 +87,11 @@ def plan(
     parameters and buffers are swapped for fake twins while it is traced, then put back).
     ``example_inputs`` (keyword dict or positional tuple) fixes the batch; otherwise inputs come
     from the model's config at ``batch_size`` × ``seq_len``. With ``batch_size=None`` the plan is
-    for the largest batch that fits with sampling. A budget that cannot be met gives a plan with
-    ``fits=False`` and advice.
+    for the largest batch that fits with sampling; the search stops at ``max_batch`` (a plan whose
+    largest batch reaches it says that larger ones may fit too). ``seq_len`` given with
+    ``example_inputs`` must match their length. A budget that cannot be met gives a plan with
+    ``fits=False`` and advice; a sequence longer than the model's learned position table, a
+    ``ValueError`` saying so.
 
     ``world_size`` plans one rank of fully sharded data-parallel training (FSDP2 ``fully_shard``,
     ZeRO-3): parameters, gradients and optimizer state are split ``world_size`` ways; each rank
@@ -120,6 +123,11 @@ def plan(
         trace_batch = _batch_of(example_inputs)
         if batch_size is not None and batch_size != trace_batch:
             raise ValueError(f"batch_size={batch_size} but example_inputs have batch {trace_batch}")
+        traced_length = _sequence_length(example_inputs)
+        if seq_len is not None and traced_length is not None and seq_len != traced_length:
+            raise ValueError(f"seq_len={seq_len} but example_inputs have sequence length {traced_length} "
+                             "(dim 1 of the first token-id tensor): leave seq_len out, or pass inputs "
+                             "of that length")
         batch_size, inputs = trace_batch, example_inputs
     else:
         trace_batch = batch_size or 2  # 2: batch sizes 0 and 1 are never symbolic
@@ -180,7 +188,13 @@ def plan(
             progress.update()
             return tried[-1] if tried[-1].fits else None
 
-        first = attempt(budgets[0])
+        try:
+            first = attempt(budgets[0])
+        except Exception as error:
+            hint = _position_limit_hint(model, inputs)
+            if hint is None:
+                raise
+            raise ValueError(hint) from error
         if first is not None or len(budgets) == 1 or _state_alone(tried[-1]) > budget:
             return tried[-1]  # (no recompute shrinks parameters, gradients and optimizer state)
         found = fastest_fitting(budgets[1:], attempt, lambda p: bool(p.keep_ratios),
@@ -265,7 +279,8 @@ def _solve_plan(model, states, dense_states, partitioner, balance, budget, mem_g
         mem_gb=mem_gb, fits=fits, batch_size=batch, seq_len=seq_len, peak_bytes=peak,
         baseline_peak_bytes=dense_mm.peak(batch), activation_bytes=activations,
         baseline_activation_bytes=dense_mm.activations(batch), max_batch_size=sampled_max,
-        baseline_max_batch_size=baseline_max, keep_ratios=_keep_ratios(mm, solution, states),
+        baseline_max_batch_size=baseline_max, max_batch=max_batch,
+        keep_ratios=_keep_ratios(mm, solution, states),
         breakdown={
             "parameters": mm.parameters, "gradients": mm.gradients, "optimizer": mm.optimizer,
             "activations": activations, "transient": mm.transient(batch),
@@ -331,6 +346,31 @@ def _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, wor
 
 def _values(example_inputs) -> list[Any]:
     return list(example_inputs.values() if isinstance(example_inputs, Mapping) else example_inputs)
+
+
+def _sequence_length(inputs) -> int | None:
+    """Dim 1 of the first integer tensor input of two or more dims (token ids), if any."""
+    for value in _values(inputs):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and not value.is_floating_point():
+            return int(value.shape[1])
+    return None
+
+
+def _position_limit_hint(model: torch.nn.Module, inputs) -> str | None:
+    """Why tracing failed, where the sequence is longer than the model's learned position table
+    (BERT's and GPT-2's absolute positions: the forward fails at any batch; rotary or relative
+    positions have no such table and are never blamed)."""
+    length = _sequence_length(inputs)
+    if length is None:
+        return None
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if isinstance(module, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe") \
+                and module.num_embeddings < length:
+            return (f"the sequence ({length} tokens) is longer than the model's position table "
+                    f"{name} ({module.num_embeddings} positions): plan with seq_len <= "
+                    f"{module.num_embeddings}")
+    return None
 
 
 def _batch_of(example_inputs) -> int:
@@ -409,8 +449,10 @@ def _advice(mm: MemoryModel, budget: int, batch: int, need: int, sampled_max: in
         hint = f"a batch of at most {sampled_max}{fsdp}"
     else:
         hint = f"shorter sequences, activation checkpointing or a larger budget{fsdp}"
+    # The table shows each ratio the solver kept; where min_rows makes a larger ratio keep as
+    # many rows as the smallest, it shows the larger (same bytes, less variance).
     return (f"Does not fit: batch {batch} needs at least {format_bytes(need)} even at "
-            f"the smallest keep ratio {min(menu)}; try {hint}.")
+            f"the smallest keep ratio {min(menu)} (at least {mm.min_rows} rows per input); try {hint}.")
 
 
 def _largest_near(fits, guess: int, limit: int) -> int:
