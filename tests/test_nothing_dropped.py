@@ -281,7 +281,7 @@ def test_eager_include_string_is_one_pattern():
     (["--batch-size", "0"], "positive int"),
     (["--set", "hidden_size=33", "--set", "num_attention_heads=2"], "not a multiple of the number of attention heads"),
     (["--task", "seq-cls"], "add --set pad_token_id=0"),
-    (["--task", "image-cls"], "transformers has no such model for LlamaConfig"),
+    (["--task", "image-cls"], "transformers cannot build this model from a LlamaConfig"),
 ])
 def test_cli_usage_errors(argv, match, capsys):
     from wtacompile.cli import main

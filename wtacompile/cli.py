@@ -93,8 +93,8 @@ def build_model(config, task: str, dtype: torch.dtype):
     """The ``task``'s model for ``config`` on the meta device.
 
     Raises:
-        UsageError: transformers has no such model for this config, or a sequence classifier
-            without a padding token (it finds each row's last token by it; batches above 1 fail).
+        UsageError: transformers cannot build the task's model from this config (none for this
+            model type, or a value the model rejects).
     """
     import transformers as tf
 
@@ -102,15 +102,12 @@ def build_model(config, task: str, dtype: torch.dtype):
         "causal-lm": tf.AutoModelForCausalLM, "seq-cls": tf.AutoModelForSequenceClassification,
         "seq2seq": tf.AutoModelForSeq2SeqLM, "image-cls": tf.AutoModelForImageClassification,
     }[task]
-    if task == "seq-cls" and getattr(config, "pad_token_id", 0) is None:
-        raise UsageError(f"--task seq-cls: {type(config).__name__} sets no pad_token_id, which the "
-                         "classifier needs to find each row's last token; add --set pad_token_id=0")
     try:
         with torch.device("meta"):
             return auto.from_config(config, torch_dtype=dtype)
-    except ValueError as err:  # no model class of this task for this config
-        raise UsageError(f"--task {task}: transformers has no such model for {type(config).__name__} "
-                         f"({str(err).splitlines()[0]})") from None
+    except ValueError as err:  # e.g. no model class of this task for this model type
+        raise UsageError(f"--task {task}: transformers cannot build this model from a "
+                         f"{type(config).__name__}: {str(err).splitlines()[0]}") from None
 
 
 PEFT_TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
@@ -165,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = build_config(args.config, args.set)
+        if args.task == "seq-cls" and args.batch_size != 1 and getattr(config, "pad_token_id", 0) is None:
+            # The classifier finds each row's last token by it; batches above 1 fail without one.
+            raise UsageError(f"--task seq-cls: {type(config).__name__} sets no pad_token_id, which the "
+                             "classifier needs above batch 1; add --set pad_token_id=0")
         model = build_model(config, args.task, DTYPES[args.dtype])
     except UsageError as err:
         p.error(str(err))
