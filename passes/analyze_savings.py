@@ -38,6 +38,10 @@ bisected, a partition each) and compiled at the largest whose split saves at mos
 :data:`RAISED_BYTES_HEADROOM` of the dense partition's bytes at ``B``: the memory asked for, with
 less recompute.
 
+At budget 1 the two traces need nothing from each other: within a plan the sampled one runs in a
+forked process beside the dense one (:mod:`wtacompile.analysis.forked`) and sends back what the
+verdicts need as plain data (:class:`SampleFacts`), judged here against the dense trace.
+
 The two traces name their nodes differently, so tensors are matched by provenance: the dynamo
 node they came from plus numel, dtype and ordinal
 (:func:`wtacompile.analysis.graph_numbers.provenance_keys`).
@@ -52,13 +56,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from wtacompile._compat import dynamo_origin, is_storage_view, joint_parameter_inputs, storage_root
+from wtacompile._compat import dynamo_origin, is_storage_view, joint_parameter_inputs, size_hint, storage_root
 from wtacompile.analysis.graph_cost import graph_cost, with_recompute_of
-from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys, saved_bytes, slopes_match
+from wtacompile.analysis.forked import beside
+from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys, saved_bytes, sketch, slopes_match
 from wtacompile.analysis.partition_trace import (PartitionTrace, batch_symbols_of, copy_module, has_subgraph_calls,
                                                 trace_joint, trace_largest_fitting, trace_partition)
 from wtacompile.config import WTAConfig
@@ -83,24 +89,30 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     # The eager inner compiler has no partitioner: torch's budget does not apply to it.
     partitions = config.inner != "eager"
     under_recompute = partitions and effective_partitioner_budget(config) < 1.0
+    candidates = [site for site in state.sites if site.skip_reason is None]
+    verdicts = None
+    if candidates and not under_recompute:
+        # At budget 1 the sampled trace gives verdicts only, and those are structure: whether the
+        # partition still keeps each input. It needs nothing from the dense trace, so it may run
+        # beside it (a forked process, within a plan: wtacompile.analysis.forked). Verdicts are
+        # structure, not sizes: traced at the traced sizes (half the cost of a symbolic trace),
+        # each input sized from its twin in the dense trace.
+        trial, rewritten = _sampled_graph(gm, candidates, config, under_recompute)
+        verdicts = beside(lambda: _sample_facts(trace_partition(trial, config, static=True), rewritten),
+                          "the sampled graph's verdict trace")
     dense, dense_sizer = _dense_trace(gm, config, under_recompute)
     parameters = joint_parameter_inputs(gm, dense.joint)
     fuses = config.inner == "inductor"
     memory = graph_memory(dense, parameters, dense_sizer, fuses)
     cost = graph_cost(dense)
-    candidates = [site for site in state.sites if site.skip_reason is None]
     if not candidates:
         return dataclasses.replace(state, analysis=SavingsAnalysis((), (), memory, cost))
-    trial = copy_module(gm)
-    # At budget 1 the sampled trace gives verdicts only, and those are structure: whether the
-    # partition still keeps each input. Gradient-aware scores add the row cells and the learned
-    # states (read by the draw in forward, written from dY in backward), none of which touches
-    # x, so the trace is made with norm-only scores: about half the nodes (plans of eight
-    # families identical either way). Under recompute the sampled partition's own bytes are
-    # the memory, so it is traced as it will be compiled.
-    rewritten = rewrite_sites(trial, candidates, {s.weight: s.requested_ratio for s in candidates}, config,
-                              fresh_states if under_recompute else None)
-    expose_samples(trial)  # as the real compile will: the draw stays in forward
+    if verdicts is not None:
+        groups, compact = _group_by_input(dense, verdicts.result(), dense_sizer, under_recompute, partitions)
+        grouped = {w for group in groups for w in group.weights}
+        untraced = tuple(s.weight for s in candidates if s.weight not in grouped)
+        return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost))
+    trial, rewritten = _sampled_graph(gm, candidates, config, under_recompute)
     # Under a budget the user set, the sampled graph may be compiled at a larger one: where its
     # partition still saves no more than the dense one at the user's budget, it recomputes less.
     # The headroom: the analysis sizes what the partition saves, not every detail of what Inductor
@@ -112,11 +124,9 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
         split_parameters = joint_parameter_inputs(trial, split.joint)
         return saved_bytes(split, split_parameters, Sizer(split.joint, split_parameters)).traced <= allowed
 
-    # Verdicts are structure, not sizes: trace at the traced sizes (half the cost of a symbolic
-    # trace) and size each input from its twin in the dense trace. Not under a partitioner budget
-    # below 1: its knapsack sizes every input, and a symbolic scalar traced as its hint has none.
-    sampled, raised_to = trace_largest_fitting(trial, config, raised_budgets(config) if under_recompute else (),
-                                             saves_no_more, static=not under_recompute)
+    # Not static under a partitioner budget below 1: its knapsack sizes every input, and a
+    # symbolic scalar traced as its hint has none.
+    sampled, raised_to = trace_largest_fitting(trial, config, raised_budgets(config), saves_no_more)
     raised_from = None
     if raised_to is not None:
         raised_from = effective_partitioner_budget(config)
@@ -125,11 +135,10 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
                  raised_to, raised_from, raised_from)
         config = dataclasses.replace(config, activation_memory_budget=raised_to)
         state = dataclasses.replace(state, config=config)
-    groups, compact = _group_by_input(dense, sampled, rewritten, dense_sizer, under_recompute, partitions)
+    groups, compact = _group_by_input(dense, _sample_facts(sampled, rewritten), dense_sizer, under_recompute,
+                                      partitions)
     grouped = {w for group in groups for w in group.weights}
     untraced = tuple(s.weight for s in candidates if s.weight not in grouped)
-    if not under_recompute:
-        return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost))
     sampled_parameters = joint_parameter_inputs(trial, sampled.joint)
     sizer = Sizer(sampled.joint, sampled_parameters)
     as_traced = saved_bytes(sampled, sampled_parameters, sizer).traced
@@ -174,9 +183,12 @@ def _dense_trace(gm: fx.GraphModule, config: WTAConfig, under_recompute: bool) -
     batch = batch_symbols_of(gm) if not under_recompute and not has_subgraph_calls(gm) else None
     if batch is not None:
         symbols, traced_batch = batch
+        # The second trace needs nothing from the first: it may run beside it (wtacompile.analysis.forked).
+        later = beside(lambda: sketch(trace_joint(gm, config, dict.fromkeys(symbols, traced_batch + 1))),
+                       f"the trace at batch {traced_batch + 1}")
         dense = trace_partition(gm, config, static=True)
         try:
-            next_batch = trace_joint(gm, config, dict.fromkeys(symbols, traced_batch + 1))
+            next_batch = later.result()
         except Exception as error:  # noqa: BLE001 - the symbolic trace below is the answer then
             log.warning("wtacrs: tracing the graph at batch %d failed (%s: %s); tracing it with a "
                         "symbolic batch instead (slower)", traced_batch + 1, type(error).__name__, error)
@@ -215,65 +227,114 @@ class _AsIfExact:
         return self._sizer(node) if size is None else size
 
 
-def _group_by_input(dense: PartitionTrace, sampled: PartitionTrace, rewritten: Rewritten,
-                    sizer: Sizer, under_recompute: bool, inner_partitions: bool
-                    ) -> tuple[tuple[InputGroup, ...], list[list[tuple[str, Size]]]]:
-    """The groups, and per group (in order) the saved compact-row nodes of the sampled trace with
-    the sizes :class:`_AsIfExact` gives them. ``sizer`` sizes nodes of the dense trace."""
+def _sampled_graph(gm: fx.GraphModule, candidates, config: WTAConfig, under_recompute: bool
+                   ) -> tuple[fx.GraphModule, Rewritten]:
+    """A copy of ``gm`` with every candidate sampled at its requested ratio, one sample per input,
+    the draw exposed in forward as the real compile exposes it."""
+    trial = copy_module(gm)
+    # At budget 1 the sampled trace gives verdicts only. Gradient-aware scores add the row cells
+    # and the learned states (read by the draw in forward, written from dY in backward), none of
+    # which touches x, so the trace is made with norm-only scores: about half the nodes (plans of
+    # eight families identical either way). Under recompute the sampled partition's own bytes are
+    # the memory, so it is traced as it will be compiled.
+    rewritten = rewrite_sites(trial, candidates, {s.weight: s.requested_ratio for s in candidates}, config,
+                              fresh_states if under_recompute else None)
+    expose_samples(trial)
+    return trial, rewritten
+
+
+@dataclass(frozen=True)
+class SampleFacts:
+    """What the sampled partition says about one sampled input: plain data, read where the
+    sampled trace was made (perhaps a forked process) and judged against the dense trace."""
+
+    weights: tuple[str, ...]  # the linears that share the sample
+    root: str  # the sampled storage's name in the sampled joint graph
+    root_key: tuple  # its provenance key (matches its twin in the dense trace)
+    rows: tuple[tuple[str, int], ...]  # the sample's saved tensors: (name, dims): rows 2, indices 1
+    needed: tuple[str, str] | None  # :func:`_needed_anyway`'s verdict, if the input is kept anyway
+    input_saved: bool  # the whole input is saved (a partitioner then gathers rows in backward)
+    # Saved tensors computed from the input that only the sampled partition might keep (a ReLU's
+    # mask): (provenance key, saved bytes), and the input's own bytes to scale them by.
+    derived: tuple[tuple[tuple, int], ...]
+    root_bytes: int
+
+    @property
+    def compact_saved(self) -> bool:
+        return any(dims == 2 for _, dims in self.rows)
+
+
+def _sample_facts(sampled: PartitionTrace, rewritten: Rewritten) -> tuple[SampleFacts, ...]:
+    """One :class:`SampleFacts` per sampled input of ``sampled`` (in graph order)."""
     samples = rewritten.samples
-    dense_keys = provenance_keys(dense.joint, {})
-    dense_saved = {dense_keys[name] for name in dense.saved_roots if name in dense_keys}
-    dense_by_key = {key: dense.joint_nodes[name] for name, key in dense_keys.items()}
     keys = provenance_keys(sampled.joint, rewritten.renamed)
     saved = [sampled.joint_nodes[name] for name in sampled.saved_roots if name in sampled.joint_nodes]
-    # Saved only when sampling, and not by a sampled linear itself: candidates for kept-instead.
-    saved_only_sampled = [n for n in saved if keys.get(n.name) not in dense_saved
-                          and dynamo_origin(n) not in rewritten.renamed]
-    groups, compact = [], []
+    facts = []
     for node in sampled.joint.graph.find_nodes(op="call_function", target=torch.ops.wtacompile.sample_rows.default):
         origin = dynamo_origin(node)
         if origin not in samples:
             continue
         root = sampled_storage(node)
-        twin = dense_by_key.get(keys.get(root.name))
+        rows = tuple((n.name, n.meta["val"].dim()) for n in saved
+                     if dynamo_origin(n) == origin and n.meta["val"].dim() in (1, 2))
+        compact_saved = any(dims == 2 for _, dims in rows)
+        value = root.meta["val"]
+        # Not the sampled linears' own values (their outputs, traced from the rewritten calls).
+        derived = tuple((keys.get(n.name), size_hint(n.meta["val"].numel()) * _saved_itemsize(n))
+                        for n in saved
+                        if dynamo_origin(n) not in rewritten.renamed and dynamo_origin(n) != origin
+                        and n is not root and any(storage_root(a) is root for a in n.all_input_nodes))
+        facts.append(SampleFacts(
+            tuple(s.weight for s in samples[origin]), root.name, keys.get(root.name), rows,
+            _needed_anyway(sampled, root.name, compact_saved), root.name in sampled.saved_roots, derived,
+            size_hint(value.numel()) * value.element_size()))
+    return tuple(facts)
+
+
+def _saved_itemsize(node: fx.Node) -> int:
+    # Saved in another dtype than computed (a boolean mask kept as bf16 on CPU).
+    return node.meta.get(SAVED_DTYPE, node.meta["val"].dtype).itemsize
+
+
+def _group_by_input(dense: PartitionTrace, facts: tuple[SampleFacts, ...], sizer: Sizer, under_recompute: bool,
+                    inner_partitions: bool) -> tuple[tuple[InputGroup, ...], list[list[tuple[str, Size]]]]:
+    """The groups, and per group (in order) the saved compact-row nodes of the sampled trace with
+    the sizes :class:`_AsIfExact` gives them. ``sizer`` sizes nodes of the dense trace."""
+    dense_keys = provenance_keys(dense.joint, {})
+    dense_saved = {dense_keys[name] for name in dense.saved_roots if name in dense_keys}
+    dense_by_key = {key: dense.joint_nodes[name] for name, key in dense_keys.items()}
+    groups, compact = [], []
+    for fact in facts:
+        twin = dense_by_key.get(fact.root_key)
         if twin is None:
-            raise RuntimeError(f"wtacrs analysis: sampled input {root.name} has no twin in the dense trace")
-        # The sample's saved tensors: its compact rows (k × D) and indices (k).
-        rows = [n for n in saved if dynamo_origin(n) == origin and n.meta["val"].dim() in (1, 2)]
-        compact_saved = any(n.meta["val"].dim() == 2 for n in rows)
-        if under_recompute:
-            verdict, reason = _recompute_verdict(sampled, root.name, compact_saved)
+            raise RuntimeError(f"wtacrs analysis: sampled input {fact.root} has no twin in the dense trace")
+        if fact.needed is not None:
+            verdict, reason = fact.needed
+        elif under_recompute:
+            verdict, reason = _recompute_verdict(fact.compact_saved)
         else:
-            verdict, reason = _verdict(sampled, root.name, keys.get(root.name) in dense_saved, compact_saved)
-        zero = sizer(twin) * 0
-        compact.append([(n.name, sizer(twin) if n.meta["val"].dim() == 2 else zero) for n in rows])
+            verdict, reason = _verdict(fact.root_key in dense_saved, fact.compact_saved)
+        root_size = sizer(twin)
+        zero = root_size * 0
+        compact.append([(name, root_size if dims == 2 else zero) for name, dims in fact.rows])
         # Only a partitioner gathers rows in backward (the eager inner compiler saves the copy).
-        input_saved = root.name in sampled.saved_roots and inner_partitions
+        input_saved = fact.input_saved and inner_partitions
         # Under recompute the sampled partition's own bytes are the memory: nothing to add.
-        kept = None if under_recompute or verdict != FREES else _kept_instead(
-            root, saved_only_sampled, origin, sizer(twin))
-        groups.append(InputGroup(root.name, tuple(s.weight for s in samples[origin]), sizer(twin),
-                                 verdict, reason, input_saved, kept))
+        kept = None if under_recompute or verdict != FREES else _kept_instead(fact, dense_saved, root_size)
+        groups.append(InputGroup(fact.root, fact.weights, root_size, verdict, reason, input_saved, kept))
     return tuple(groups), compact
 
 
-def _kept_instead(root: fx.Node, saved: list[fx.Node], origin: str, root_size: Size) -> Size | None:
-    """What the sampled partition saves, and the dense one does not, computed from ``root`` (not
-    the sample's own rows): a ReLU's ``out <= 0`` once the output itself is not saved. ``saved``:
-    the sampled partition's saved nodes the dense one lacks. Sized from ``root``'s dense size
-    by numel and saved item size (affine in the batch like it). The sampled linears' own values
-    (their outputs, traced from the rewritten calls) are not candidates."""
-    value = root.meta["val"]
-    whole = value.numel() * value.element_size()
+def _kept_instead(fact: SampleFacts, dense_saved: set[tuple], root_size: Size) -> Size | None:
+    """What the sampled partition saves, and the dense one does not, computed from the sampled
+    input (not the sample's own rows): a ReLU's ``out <= 0`` once the output itself is not saved.
+    Sized from the input's dense size by saved bytes (affine in the batch like it)."""
     kept = None
-    for node in saved:
-        if dynamo_origin(node) == origin or node is root or not any(
-                storage_root(a) is root for a in node.all_input_nodes):
+    for key, share in fact.derived:
+        if key in dense_saved:
             continue
-        own = node.meta["val"]
-        share = own.numel() * node.meta.get(SAVED_DTYPE, own.dtype).itemsize
-        size = Size(root_size.traced * share // whole,
-                    None if root_size.per_batch is None else root_size.per_batch * share // whole)
+        size = Size(root_size.traced * share // fact.root_bytes,
+                    None if root_size.per_batch is None else root_size.per_batch * share // fact.root_bytes)
         kept = size if kept is None else kept + size
     return kept
 
@@ -314,11 +375,8 @@ def _only_gathered(trace: PartitionTrace, root: str) -> bool:
     return gathers > 0
 
 
-def _verdict(trace: PartitionTrace, root: str, dense_saves_it: bool, compact_saved: bool
-             ) -> tuple[str, str]:
-    needed = _needed_anyway(trace, root, compact_saved)
-    if needed is not None:
-        return needed
+def _verdict(dense_saves_it: bool, compact_saved: bool) -> tuple[str, str]:
+    """At budget 1, where the sampled trace keeps the input neither saved nor recomputed."""
     if not dense_saves_it:
         if compact_saved:
             return ADDS_MEMORY, "dense training recomputes this input; the rows would add"
@@ -326,11 +384,8 @@ def _verdict(trace: PartitionTrace, root: str, dense_saves_it: bool, compact_sav
     return FREES, "input saved only for the weight gradients"
 
 
-def _recompute_verdict(trace: PartitionTrace, root: str, compact_saved: bool) -> tuple[str, str]:
+def _recompute_verdict(compact_saved: bool) -> tuple[str, str]:
     """Below partitioner budget 1: read from the sampled partition alone (see the module docstring)."""
-    needed = _needed_anyway(trace, root, compact_saved)
-    if needed is not None:
-        return needed
     if compact_saved:
         return FREES, "under recompute, the sampled partition keeps only the rows of this input"
     return FREES_NOTHING, "the sampled partition keeps neither this input nor its rows"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch._inductor.config  # optimize_scatter_upon_const_tensor, read by _is_pointwise
@@ -26,22 +28,46 @@ from wtacompile.lower import SAVED_DTYPE
 from wtacompile.memory_model import Allocation, GraphMemory, Size
 from .partition_trace import PartitionTrace
 
-__all__ = ["Sizer", "graph_memory", "slopes_match", "module_path", "owning_module", "provenance_keys", "saved_bytes"]
+__all__ = ["NodeSketch", "Sizer", "graph_memory", "module_path", "owning_module", "provenance_keys",
+           "saved_bytes", "sketch", "slopes_match"]
+
+
+@dataclass(frozen=True)
+class NodeSketch:
+    """What :class:`Sizer` and :func:`slopes_match` read of a node of a graph traced one batch
+    row larger: plain data, so that a forked process can send it back
+    (:mod:`wtacompile.analysis.forked`)."""
+
+    op: str
+    target: str  # str(node.target): an aten overload prints as its qualified name
+    inputs: tuple[str, ...]
+    numel: int | None  # None: not a tensor
+
+
+def sketch(gm: fx.GraphModule) -> dict[str, NodeSketch]:
+    """Each node of ``gm`` by name, as :class:`NodeSketch` (a static graph: numels are ints)."""
+    sketches = {}
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        numel = size_hint(value.numel()) if isinstance(value, torch.Tensor) else None
+        sketches[node.name] = NodeSketch(node.op, str(node.target), tuple(a.name for a in node.all_input_nodes),
+                                         numel)
+    return sketches
 
 
 class Sizer:
     """Bytes of joint-graph nodes as :class:`Size` s (cached: one evaluation per node).
 
     Affine in the batch when ``joint`` was traced with a symbolic batch (the numel evaluated at
-    ``b₀ + 1``), or when ``next_batch`` is the same joint graph traced statically one batch row
-    larger (:func:`~wtacompile.analysis.partition_trace.trace_joint`; :func:`slopes_match` must
-    hold): the slope is the difference of a node's sizes in the two, matched by name. Otherwise
-    static.
+    ``b₀ + 1``), or when ``next_batch`` sketches the same joint graph traced statically one batch
+    row larger (:func:`~wtacompile.analysis.partition_trace.trace_joint`, :func:`sketch`;
+    :func:`slopes_match` must hold): the slope is the difference of a node's sizes in the two,
+    matched by name. Otherwise static.
     """
 
     def __init__(self, joint: fx.GraphModule, parameter_inputs: set[str],
-                 next_batch: fx.GraphModule | None = None) -> None:
-        self._next = None if next_batch is None else {n.name: n for n in next_batch.graph.nodes}
+                 next_batch: Mapping[str, NodeSketch] | None = None) -> None:
+        self._next = None if next_batch is None else next_batch
         self._batch = _batch_symbols(joint, parameter_inputs) if next_batch is None else None
         self._cache: dict[fx.Node, Size] = {}
 
@@ -63,7 +89,7 @@ class Sizer:
         numel = value.numel()
         traced = size_hint(numel) * itemsize
         if self._next is not None:
-            return Size(traced, size_hint(self._next[node.name].meta["val"].numel()) * itemsize - traced)
+            return Size(traced, self._next[node.name].numel * itemsize - traced)
         if self._batch is None:
             return Size(traced)
         if not isinstance(numel, torch.SymInt):
@@ -73,9 +99,9 @@ class Sizer:
         return Size(traced, evaluate_at(numel, dict.fromkeys(symbols, b0 + 1)) * itemsize - traced)
 
 
-def slopes_match(partitioned: PartitionTrace, next_batch: fx.GraphModule) -> bool:
-    """Whether ``next_batch`` (the joint graph of ``partitioned`` traced one batch row larger,
-    dead code removed and CSE'd as the partitioner does) can give each node of ``partitioned``
+def slopes_match(partitioned: PartitionTrace, next_batch: Mapping[str, NodeSketch]) -> bool:
+    """Whether ``next_batch`` (the :func:`sketch` of the joint graph of ``partitioned`` traced one
+    batch row larger, dead code removed and CSE'd as the partitioner does) can give each node of ``partitioned``
     its slope (see :class:`Sizer`): every computed node of the joint graph has a twin of the same
     name, op and input names, and every tensor of the forward and backward graphs (which receive
     saved values as inputs named after them) a twin of its name.
@@ -84,18 +110,17 @@ def slopes_match(partitioned: PartitionTrace, next_batch: fx.GraphModule) -> boo
     batch; CSE can still merge two nodes at one size and not at the other (``x * 2`` and
     ``x * batch`` at batch 2), which the input names show. A node the partitioner makes has no
     twin (a widened mask: only sampled graphs have them)."""
-    twins = {n.name: n for n in next_batch.graph.nodes}
     for node in partitioned.joint.graph.nodes:
-        twin = twins.get(node.name)
-        if node.op == "call_function" and (twin is None or twin.target != node.target or [
-                a.name for a in twin.all_input_nodes] != [a.name for a in node.all_input_nodes]):
+        twin = next_batch.get(node.name)
+        if node.op == "call_function" and (twin is None or twin.target != str(node.target) or
+                                           twin.inputs != tuple(a.name for a in node.all_input_nodes)):
             return False
     for graph in (partitioned.joint, partitioned.forward, partitioned.backward):
         for node in graph.graph.nodes:
             if node.op == "output" or not isinstance(node.meta.get("val"), torch.Tensor):
                 continue
-            twin = twins.get(node.name)
-            if twin is None or not isinstance(twin.meta.get("val"), torch.Tensor):
+            twin = next_batch.get(node.name)
+            if twin is None or twin.numel is None:
                 return False
     return True
 

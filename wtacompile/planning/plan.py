@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from wtacompile.analysis.forked import traces_in_parallel
 from wtacompile.config import WTAConfig, check_activation_memory_budget, check_mem_gb
 from wtacompile.estimator import DEFAULT_MIN_ROWS, num_kept_rows
 from wtacompile.lower import target_device
@@ -56,6 +57,7 @@ def plan(
     activation_budgets: tuple[float, ...] = DEFAULT_BUDGET_MENU,
     device_type: str | None = None,
     reuse_traces: bool = True,
+    parallel_traces: bool = True,
 ) -> Plan:
     """Plan keep ratios and the partitioner budget so predicted peak memory fits ``mem_gb`` at the
     least step time, then the least gradient variance.
@@ -109,8 +111,16 @@ def plan(
     instead of the seconds to minutes of tracing (:mod:`wtacompile.planning.trace_cache` says
     what must match). ``False`` traces afresh, e.g. after changing something the cache cannot
     see, such as a monkeypatched function the model calls.
+
+    ``parallel_traces``: at partitioner budget 1, the traces of one graph that need nothing from
+    each other (dense at the traced batch, at one more for the slopes, and sampled for the
+    verdicts) run at the same time, two of them in forked processes (Linux, two or more cores,
+    CUDA not initialised in this process: :mod:`wtacompile.analysis.forked`); the same numbers.
+    ``False`` traces them one after another in this process.
     """
     _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size, reuse_traces)
+    if not isinstance(parallel_traces, bool):
+        raise ValueError(f"parallel_traces must be True or False, got {parallel_traces!r}")
     budgets = _check_budgets(activation_budgets) if inner != "eager" else (1.0,)  # eager: no partitioner
     # match_budget_bytes off: each budget is analysed at itself, the one that fits the plan's
     # bytes. mem_gb: the budgets are the search's, not the user's (the analysis says so in info).
@@ -173,13 +183,14 @@ def plan(
                                                  f"before again (activation_memory_budget {partitioner:g})")
                     return analyse_graphs(graphs, at_budget)
 
-            if reuse_traces:
-                states, reused = trace_cache.cached_capture(model, lambda: trace_cache.trace_key(
-                    model, inputs, at_budget, symbolic_batch, composed, planned_device), capture)
-                if reused:
-                    progress.set_postfix_str("reusing the graphs an earlier plan traced")
-            else:
-                states = capture()
+            with traces_in_parallel(parallel_traces):
+                if reuse_traces:
+                    states, reused = trace_cache.cached_capture(model, lambda: trace_cache.trace_key(
+                        model, inputs, at_budget, symbolic_batch, composed, planned_device), capture)
+                    if reused:
+                        progress.set_postfix_str("reusing the graphs an earlier plan traced")
+                else:
+                    states = capture()
             dense = dense or states
             progress.update()
             progress.set_postfix_str("searching the largest batch" if search else "solving")

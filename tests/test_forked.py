@@ -1,0 +1,134 @@
+"""Traces in forked processes (wtacompile.analysis.forked): the same plan, and every way a child
+can fail is redone in the parent, loudly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+
+from hf_models import build
+from wtacompile import plan
+from wtacompile.analysis import forked
+from wtacompile.analysis.forked import beside, traces_in_parallel
+
+needs_fork = pytest.mark.skipif(not (forked.sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1),
+                                reason="forks only on Linux with two or more cores")
+
+
+def _child_pid() -> int:
+    return os.getpid()
+
+
+def test_nothing_forks_outside_a_plan():
+    deferred = beside(_child_pid, "a test")
+    assert not deferred.forked and deferred.result() == os.getpid()
+    with traces_in_parallel(False):
+        assert not beside(_child_pid, "a test").forked
+
+
+@needs_fork
+def test_the_value_comes_from_the_child():
+    with traces_in_parallel():
+        deferred = beside(_child_pid, "a test")
+    assert deferred.forked
+    assert deferred.result() != os.getpid()
+
+
+@needs_fork
+def test_a_child_that_dies_is_redone_here(caplog):
+    def work():
+        if forked._IN_CHILD:
+            os._exit(3)
+        return 42
+
+    with traces_in_parallel():
+        deferred = beside(work, "a dying trace")
+    with caplog.at_level(logging.WARNING, "wtacompile"):
+        assert deferred.result() == 42
+    assert "a dying trace in a forked process failed" in caplog.text and "exit code 3" in caplog.text
+
+
+@needs_fork
+def test_a_child_that_hangs_is_stopped_and_redone_here(caplog, monkeypatch):
+    monkeypatch.setattr(forked, "MIN_WAIT_S", 0.5)
+    monkeypatch.setattr(forked, "WAIT_FACTOR", 0.0)
+
+    def work():
+        if forked._IN_CHILD:
+            time.sleep(60)
+        return "here"
+
+    with traces_in_parallel():
+        deferred = beside(work, "a stuck trace")
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, "wtacompile"):
+        assert deferred.result() == "here"
+    assert time.perf_counter() - start < 30  # not the child's 60 s
+    assert "no result after" in caplog.text
+
+
+@needs_fork
+def test_an_error_is_raised_here_with_its_own_type():
+    def work():
+        raise KeyError("missing node")
+
+    with traces_in_parallel():
+        deferred = beside(work, "a failing trace")
+    assert deferred.forked
+    with pytest.raises(KeyError, match="missing node"):
+        deferred.result()
+
+
+@needs_fork
+def test_a_value_that_cannot_be_sent_is_redone_here(caplog):
+    with traces_in_parallel():
+        deferred = beside(lambda: (lambda: None), "an unpicklable result")
+    with caplog.at_level(logging.WARNING, "wtacompile"):
+        assert callable(deferred.result())
+    assert "could not be sent" in caplog.text
+
+
+@needs_fork
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_parallel_traces_plan_the_same(family, monkeypatch):
+    """The largest-batch search (dense, next-batch and sampled traces: two forked) gives the
+    plan traced one trace after another, number for number."""
+    started = []
+    real_start = forked.Deferred._start
+
+    def counting_start(self):
+        started.append(self._what)
+        real_start(self)
+
+    monkeypatch.setattr(forked.Deferred, "_start", counting_start)
+    model, _ = build(family, layers=3)
+    parallel = plan(model, 0.05, seq_len=16, inner="aot_eager", reuse_traces=False)
+    assert len(started) == 2, started  # the verdict trace and the trace one batch row larger
+    serial = plan(model, 0.05, seq_len=16, inner="aot_eager", reuse_traces=False, parallel_traces=False)
+    assert len(started) == 2
+    assert parallel.keep_ratios
+    assert parallel.to_json() == serial.to_json()
+
+
+def test_parallel_traces_must_be_a_bool():
+    model, _ = build("llama", layers=1)
+    with pytest.raises(ValueError, match="parallel_traces must be True or False"):
+        plan(model, 1.0, parallel_traces="yes")
+
+
+@needs_fork
+def test_warnings_in_the_child_are_issued_here():
+    import warnings
+
+    def work():
+        warnings.warn("from the trace", RuntimeWarning)
+        return 1
+
+    with traces_in_parallel():
+        deferred = beside(work, "a warning trace")
+    assert deferred.forked
+    with pytest.warns(RuntimeWarning, match="from the trace"):
+        assert deferred.result() == 1
