@@ -88,7 +88,7 @@ def main() -> None:
                         help="also time each case with parallel_traces=False (the traces one after another)")
     args = parser.parse_args()
     print(f"{'shape':<6} {'case':<8} {'lora':<5} {'3 blocks/run':>14} {'again':>7} {'40 GB':>7} "
-          f"{'serial':>7} {'again':>7} {'every block':>12} {'batch':>6} {'max':>5} {'max dense':>9} {'same plan':>9}")
+          f"{'serial':>7} {'again s':>7} {'every block':>12} {'batch':>6} {'max':>5} {'max dense':>9} {'same plan':>9}")
     for shape, case, lora in CASES:
         search = case == "search"
         fast = run(shape, search, lora, True)

@@ -100,7 +100,12 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
         trial, rewritten = _sampled_graph(gm, candidates, config, under_recompute)
         verdicts = beside(lambda: _sample_facts(trace_partition(trial, config, static=True), rewritten),
                           "the sampled graph's verdict trace")
-    dense, dense_sizer = _dense_trace(gm, config, under_recompute)
+    try:
+        dense, dense_sizer = _dense_trace(gm, config, under_recompute)
+    except BaseException:
+        if verdicts is not None:
+            verdicts.cancel()
+        raise
     parameters = joint_parameter_inputs(gm, dense.joint)
     fuses = config.inner == "inductor"
     memory = graph_memory(dense, parameters, dense_sizer, fuses)
@@ -186,7 +191,11 @@ def _dense_trace(gm: fx.GraphModule, config: WTAConfig, under_recompute: bool) -
         # The second trace needs nothing from the first: it may run beside it (wtacompile.analysis.forked).
         later = beside(lambda: sketch(trace_joint(gm, config, dict.fromkeys(symbols, traced_batch + 1))),
                        f"the trace at batch {traced_batch + 1}")
-        dense = trace_partition(gm, config, static=True)
+        try:
+            dense = trace_partition(gm, config, static=True)
+        except BaseException:
+            later.cancel()
+            raise
         try:
             next_batch = later.result()
         except Exception as error:  # noqa: BLE001 - the symbolic trace below is the answer then

@@ -14,8 +14,9 @@ from wtacompile import plan
 from wtacompile.analysis import forked
 from wtacompile.analysis.forked import beside, traces_in_parallel
 
-needs_fork = pytest.mark.skipif(not (forked.sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1),
-                                reason="forks only on Linux with two or more cores")
+with traces_in_parallel():
+    _FORKS = forked._can_fork()
+needs_fork = pytest.mark.skipif(not _FORKS, reason="forks only on Linux with two or more usable cores")
 
 
 def _child_pid() -> int:
@@ -132,3 +133,17 @@ def test_warnings_in_the_child_are_issued_here():
     assert deferred.forked
     with pytest.warns(RuntimeWarning, match="from the trace"):
         assert deferred.result() == 1
+
+
+@needs_fork
+def test_a_cancelled_child_is_stopped():
+    def work():
+        if forked._IN_CHILD:
+            time.sleep(60)
+        return 0
+
+    with traces_in_parallel():
+        deferred = beside(work, "an unwanted trace")
+    process = deferred._process
+    deferred.cancel()
+    assert not process.is_alive() and not deferred.forked

@@ -12,7 +12,9 @@ When it is used: inside :func:`traces_in_parallel` (``plan()`` turns it on), on 
 than one usable core, and while CUDA (or XPU) is not initialised in this process (a forked child
 cannot use it; a plan of a meta model never initialises it). Otherwise the work runs in this
 process when its result is asked for, as before. Warnings the child's work issues are issued
-again in this process (its filters apply); log records go straight to the handlers both share. A
+again in this process (its filters apply, by module too); log records go to the handlers the
+child inherited (a stream handler writes them as here; an in-memory one, such as pytest's
+``caplog``, keeps them in the child). A
 child that fails, dies, or takes far longer than this process did meanwhile is not trusted: the
 work is done again here (an error it raised is then raised here, with its real traceback), and a
 failure nobody here reproduces is logged as a warning.
@@ -63,6 +65,8 @@ def traces_in_parallel(enabled: bool = True) -> Iterator[None]:
 def _can_fork() -> bool:
     if not _PARALLEL.get() or _IN_CHILD or not sys.platform.startswith("linux"):
         return False
+    if multiprocessing.current_process().daemon:  # a Pool worker may not start processes
+        return False
     if "fork" not in multiprocessing.get_all_start_methods():
         return False
     try:
@@ -84,17 +88,23 @@ class Deferred(Generic[T]):
         if _can_fork():
             try:
                 self._start()
-            except OSError as error:  # no memory or process slots for a fork: trace here instead
+            except Exception as error:  # noqa: BLE001 - no memory or process slots: trace here instead
                 log.warning("wtacompile: could not fork for %s (%s); tracing it in this process",
                             what, error)
                 self._process = self._connection = None
 
-    def __del__(self) -> None:
-        # A result nobody asked for (the analysis failed meanwhile): stop the child.
-        process = getattr(self, "_process", None)
-        if process is not None and process.is_alive():
-            process.kill()
+    def cancel(self) -> None:
+        """Stop the child, if any (its result is no longer wanted: the analysis failed meanwhile)."""
+        process, connection = getattr(self, "_process", None), getattr(self, "_connection", None)
+        self._process = self._connection = None
+        if process is not None:
+            connection.close()
+            if process.is_alive():
+                process.kill()
             process.join(1.0)
+
+    def __del__(self) -> None:
+        self.cancel()
 
     @property
     def forked(self) -> bool:
@@ -123,7 +133,7 @@ class Deferred(Generic[T]):
                 outcome = connection.recv()
             else:
                 timed_out = True
-        except (EOFError, OSError):  # the child died before it sent anything
+        except Exception:  # noqa: BLE001 - died before it sent anything, or sent what cannot be read
             outcome = None
         finally:
             connection.close()
@@ -131,8 +141,8 @@ class Deferred(Generic[T]):
                 process.kill()
             process.join()
         if outcome is not None and outcome[0] == "value":
-            for message, category, filename, lineno in outcome[2]:
-                warnings.warn_explicit(message, category, filename, lineno)
+            for relayed in outcome[2]:
+                _reissue(*relayed)
             return outcome[1]
         why = (f"it raised {outcome[1]}" if outcome is not None
                else f"no result after {waited:.0f} s" if timed_out
@@ -158,6 +168,15 @@ def _relayed(caught: warnings.WarningMessage) -> tuple:
     except Exception:  # noqa: BLE001 - a warning class defined in a local scope
         category = UserWarning
     return str(caught.message), category, caught.filename, caught.lineno
+
+
+def _reissue(message: str, category: type[Warning], filename: str, lineno: int) -> None:
+    """Issue a child's warning here as if raised at its place: under the module's name (filters
+    by module apply) and into its registry (a "default" warning shows once per place)."""
+    module = next((m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == filename), None)
+    registry = None if module is None else vars(module).setdefault("__warningregistry__", {})
+    warnings.warn_explicit(message, category, filename, lineno,
+                           module=None if module is None else module.__name__, registry=registry)
 
 
 def _child(work: Callable[[], object], send) -> None:

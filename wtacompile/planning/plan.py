@@ -113,9 +113,10 @@ def plan(
     see, such as a monkeypatched function the model calls.
 
     ``parallel_traces``: at partitioner budget 1, the traces of one graph that need nothing from
-    each other (dense at the traced batch, at one more for the slopes, and sampled for the
-    verdicts) run at the same time, two of them in forked processes (Linux, two or more cores,
-    CUDA not initialised in this process: :mod:`wtacompile.analysis.forked`); the same numbers.
+    each other (dense at the traced batch; sampled, for the verdicts; in the largest-batch search
+    also dense at one batch row more, for the slopes) run at the same time, all but the first in
+    forked processes (Linux, two or more cores, CUDA not initialised in this process:
+    :mod:`wtacompile.analysis.forked`); the same numbers.
     ``False`` traces them one after another in this process.
     """
     _check_arguments(mem_gb, batch_size, seq_len, example_inputs, max_batch, world_size, reuse_traces)
