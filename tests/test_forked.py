@@ -64,11 +64,11 @@ def test_a_child_that_hangs_is_stopped_and_redone_here(caplog, monkeypatch):
 
     with traces_in_parallel():
         deferred = beside(work, "a stuck trace")
-    start = time.perf_counter()
+    process = deferred._process
     with caplog.at_level(logging.WARNING, "wtacompile"):
         assert deferred.result() == "here"
-    assert time.perf_counter() - start < 30  # not the child's 60 s
     assert "no result after" in caplog.text
+    assert not process.is_alive()  # stopped, not waited for
 
 
 @needs_fork

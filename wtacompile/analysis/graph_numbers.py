@@ -39,7 +39,9 @@ class NodeSketch:
     (:mod:`wtacompile.analysis.forked`)."""
 
     op: str
-    target: str  # str(node.target): an aten overload prints as its qualified name
+    # str(node.target): an aten overload prints as its qualified name (a plain Python function
+    # as its address, which a joint graph's call_function nodes do not carry in practice).
+    target: str
     inputs: tuple[str, ...]
     numel: int | None  # None: not a tensor
 
@@ -67,7 +69,7 @@ class Sizer:
 
     def __init__(self, joint: fx.GraphModule, parameter_inputs: set[str],
                  next_batch: Mapping[str, NodeSketch] | None = None) -> None:
-        self._next = None if next_batch is None else next_batch
+        self._next = next_batch
         self._batch = _batch_symbols(joint, parameter_inputs) if next_batch is None else None
         self._cache: dict[fx.Node, Size] = {}
 
@@ -101,8 +103,8 @@ class Sizer:
 
 def slopes_match(partitioned: PartitionTrace, next_batch: Mapping[str, NodeSketch]) -> bool:
     """Whether ``next_batch`` (the :func:`sketch` of the joint graph of ``partitioned`` traced one
-    batch row larger, dead code removed and CSE'd as the partitioner does) can give each node of ``partitioned``
-    its slope (see :class:`Sizer`): every computed node of the joint graph has a twin of the same
+    batch row larger, dead code removed and CSE'd as the partitioner does) can give each node of
+    ``partitioned`` its slope (see :class:`Sizer`): every computed node of the joint graph has a twin of the same
     name, op and input names, and every tensor of the forward and backward graphs (which receive
     saved values as inputs named after them) a twin of its name.
 
