@@ -113,10 +113,8 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     if not candidates:
         return dataclasses.replace(state, analysis=SavingsAnalysis((), (), memory, cost))
     if verdicts is not None:
-        groups, compact = _group_by_input(dense, verdicts.result(), dense_sizer, under_recompute, partitions)
-        grouped = {w for group in groups for w in group.weights}
-        untraced = tuple(s.weight for s in candidates if s.weight not in grouped)
-        return dataclasses.replace(state, analysis=SavingsAnalysis(groups, untraced, memory, cost))
+        groups, _ = _group_by_input(dense, verdicts.result(), dense_sizer, under_recompute, partitions)
+        return dataclasses.replace(state, analysis=SavingsAnalysis(groups, _untraced(candidates, groups), memory, cost))
     trial, rewritten = _sampled_graph(gm, candidates, config, under_recompute)
     # Under a budget the user set, the sampled graph may be compiled at a larger one: where its
     # partition still saves no more than the dense one at the user's budget, it recomputes less.
@@ -142,8 +140,7 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
         state = dataclasses.replace(state, config=config)
     groups, compact = _group_by_input(dense, _sample_facts(sampled, rewritten), dense_sizer, under_recompute,
                                       partitions)
-    grouped = {w for group in groups for w in group.weights}
-    untraced = tuple(s.weight for s in candidates if s.weight not in grouped)
+    untraced = _untraced(candidates, groups)
     sampled_parameters = joint_parameter_inputs(trial, sampled.joint)
     sizer = Sizer(sampled.joint, sampled_parameters)
     as_traced = saved_bytes(sampled, sampled_parameters, sizer).traced
@@ -167,6 +164,12 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
     cost = with_recompute_of(cost, dense, sampled)
     return dataclasses.replace(state, analysis=SavingsAnalysis(
         groups, untraced, memory, cost, under_recompute=True, raised_from=raised_from))
+
+
+def _untraced(candidates, groups) -> tuple[str, ...]:
+    """The candidates' weights that no input group holds (dead code: the trace dropped their linear)."""
+    grouped = {w for group in groups for w in group.weights}
+    return tuple(s.weight for s in candidates if s.weight not in grouped)
 
 
 def _dense_trace(gm: fx.GraphModule, config: WTAConfig, under_recompute: bool) -> tuple[PartitionTrace, Sizer]:

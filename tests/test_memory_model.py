@@ -10,6 +10,7 @@ from wtacompile.memory_model import (
     SampleableInput,
     Size,
     compact_bytes,
+    format_bytes,
     parameter_bytes,
 )
 
@@ -84,3 +85,12 @@ def test_choices_scale_rows_with_the_batch():
     assert choice.sampled_bytes == {0.5: compact_bytes(128, 16, 4, 0.5, 2),
                                     0.25: compact_bytes(128, 16, 4, 0.25, 2)}
     assert choice.cost_weight == 16 * 8
+
+
+@pytest.mark.parametrize("nbytes, text", [
+    (0, "0 bytes"), (999, "999 bytes"), (999_400, "999 kB"), (999_600, "1 MB"), (1_000_000, "1 MB"),
+    (12_345_678, "12.3 MB"), (1.5e12, "1500 GB"),
+])
+def test_format_bytes_never_prints_exponents(nbytes, text):
+    """Each unit up to 999 of it; what rounds to 1000 reads as 1 of the next (not '1e+03 kB')."""
+    assert format_bytes(nbytes) == text

@@ -354,6 +354,37 @@ def test_plan_says_when_the_largest_batch_is_the_search_limit():
     assert roomy.max_batch_size == (1 << 16) and "search stops" in str(roomy)  # the default limit
     tight = plan(model, 1e-3, seq_len=16, inner="aot_eager", activation_budgets=(1.0,))
     assert 0 < tight.max_batch_size < tight.max_batch and "search stops" not in str(tight)
+    from wtacompile.cli import sweep_table
+
+    table = sweep_table([capped, tight]).splitlines()
+    assert "8+ (8+)" in table[2] and "+" not in table[3]
+    assert table[-1] == "+: the search stops at max_batch=8; larger batches may fit too"
+    assert "+:" not in sweep_table([tight])
+
+
+def test_plan_of_a_classifier_that_runs_batch_one_only():
+    """A decoder's sequence classifier without a pad token refuses batches above 1 (transformers'
+    own check): planned at batch 1 its largest batch is 1, and says why; any other batch, or the
+    search, is refused before tracing with the fix. With a pad token the same model has no limit."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=3)
+    assert cfg.pad_token_id is None
+    model = tf.LlamaForSequenceClassification(cfg)
+    with pytest.raises(ValueError) as info:
+        model(input_ids=torch.zeros(2, 8, dtype=torch.long))
+    assert "no padding token" in str(info.value)  # what batch_one_only recognises
+    one = plan(model, 1.0, batch_size=1, seq_len=8, inner="aot_eager", activation_budgets=(1.0,))
+    assert one.max_batch_size == one.baseline_max_batch_size == 1 and not one.largest_batch_capped
+    assert "no batch above 1 runs: LlamaForSequenceClassification finds each row's last token" in str(one)
+    assert wtacompile.Plan.from_json(one.to_json()).max_batch_reason == one.max_batch_reason
+    for kwargs in ({}, {"batch_size": 4}):
+        with pytest.raises(ValueError, match="runs batch 1 only. Set model.config.pad_token_id"):
+            plan(model, 1.0, seq_len=8, inner="aot_eager", **kwargs)
+    model.config.pad_token_id = 0
+    padded = plan(model, 1.0, batch_size=1, seq_len=8, inner="aot_eager", activation_budgets=(1.0,))
+    assert padded.max_batch_size > 1 and not padded.max_batch_reason
 
 
 def test_plan_json_with_string_fits_is_refused():

@@ -204,9 +204,16 @@ def sweep_table(plans) -> str:
               f"{'recompute budget':>16}  {'sampled':>7}  {'step time':>9}")
     lines = [header, "-" * len(header)]
     for r in plans:
+        plus = "+" if r.largest_batch_capped else ""
+        dense_plus = "+" if plus and r.baseline_max_batch_size >= r.max_batch else ""
+        largest = f"{r.max_batch_size}{plus} ({r.baseline_max_batch_size}{dense_plus})"
         lines.append(f"{r.mem_gb:>7g}  {'yes' if r.fits else 'no':<4}  {r.batch_size:>5}  "
-                     f"{f'{r.max_batch_size} ({r.baseline_max_batch_size})':>21}  {format_bytes(r.peak_bytes):>10}  "
+                     f"{largest:>21}  {format_bytes(r.peak_bytes):>10}  "
                      f"{r.activation_memory_budget:>16g}  {len(r.keep_ratios):>7}  {r.predicted_step_time:>9.3f}")
+    capped = {r.max_batch for r in plans if r.largest_batch_capped}
+    if capped:
+        lines.append(f"+: the search stops at max_batch={', '.join(map(str, sorted(capped)))}; "
+                     "larger batches may fit too")
     return "\n".join(lines)
 
 

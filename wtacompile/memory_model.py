@@ -162,8 +162,9 @@ class SampleableInput:
 def format_bytes(nbytes: float) -> str:
     """Bytes in the unit that reads best (decimal, as budgets are: 1 GB = 1e9 bytes)."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.3g} {unit}"
+        if nbytes >= scale * 0.9995:  # what rounds to 1000 of a unit reads as 1 of the next
+            value = nbytes / scale
+            return f"{value:.0f} {unit}" if value >= 999.5 else f"{value:.3g} {unit}"
     return f"{int(nbytes)} bytes"
 
 

@@ -64,6 +64,16 @@ class Plan:
     # The largest batch the search tried (plan(max_batch=...)): a largest batch equal to it is a
     # lower bound. None: a plan made before the field was recorded.
     max_batch: int | None = None
+    # Why no batch above max_batch can run at all (a sequence classifier without a pad token runs
+    # batch 1 only); "": max_batch is only where the search stopped.
+    max_batch_reason: str = ""
+
+    @property
+    def largest_batch_capped(self) -> bool:
+        """Whether ``max_batch_size`` is where the search stopped rather than the largest that
+        fits (larger batches may fit too)."""
+        return (not self.max_batch_reason and self.max_batch is not None
+                and self.max_batch_size >= self.max_batch)
 
     def plot(self, path: str) -> None:
         """Draw per-layer saved bytes (dense vs plan) and the peak breakdown against the budget to
@@ -130,11 +140,11 @@ class Plan:
         timing = ("" if self.predicted_step_time is None else
                   f"; predicted step time {self.predicted_step_time:.2f}x dense training")
         lines.append(f"  partitioner: {recompute}{timing}")
-        capped = self.max_batch is not None and self.max_batch_size >= self.max_batch
+        note = (f" (the search stops at max_batch={self.max_batch}: larger batches may fit too)"
+                if self.largest_batch_capped else
+                f" (no batch above {self.max_batch} runs: {self.max_batch_reason})" if self.max_batch_reason else "")
         lines.append(f"  largest batch that fits: {self.baseline_max_batch_size} dense, "
-                     f"{self.max_batch_size} with sampling"
-                     + (f" (the search stops at max_batch={self.max_batch}: larger batches may fit too)"
-                        if capped else ""))
+                     f"{self.max_batch_size} with sampling{note}")
         if self.advice:
             lines.append(f"  {self.advice}")
         return "\n".join(lines)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["default_example_inputs"]
+__all__ = ["batch_one_only", "default_example_inputs"]
 
 
 def default_example_inputs(model: torch.nn.Module, batch_size: int, seq_len: int | None,
@@ -42,3 +42,24 @@ def default_example_inputs(model: torch.nn.Module, batch_size: int, seq_len: int
     if "use_cache" in params or (takes_kwargs and getattr(config, "use_cache", None) is not None):
         inputs["use_cache"] = False
     return inputs
+
+
+def batch_one_only(model: torch.nn.Module) -> str | None:
+    """Why ``model`` can run batch 1 only, or ``None``.
+
+    A Hugging Face sequence classifier on a decoder (Llama, GPT-2, ...) pools each row at its last
+    token, found by ``config.pad_token_id``; unset, its forward refuses batches above 1
+    ("Cannot handle batch sizes > 1 if no padding token is defined"). Recognised by that check
+    in the class's ``forward``, so an encoder's classifier (BERT pools the first token) is not.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "pad_token_id", 0) is not None:
+        return None
+    try:
+        source = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return None
+    if "no padding token" not in source:
+        return None
+    return f"{type(base).__name__} finds each row's last token by config.pad_token_id, which is not set"

@@ -32,7 +32,7 @@ from wtacompile.time_model import GraphCost, balance_for, step_time_ratio
 from .blocks import compose_states, find_repeated_blocks, one_block_per_run
 from .capture import CapturedGraphs, analyse_graphs, capture_analyses, capture_graphs
 from . import trace_cache
-from .inputs import default_example_inputs
+from .inputs import batch_one_only, default_example_inputs
 from wtacompile.plan_result import LayerPlan, Plan
 
 __all__ = ["plan"]
@@ -90,7 +90,10 @@ def plan(
     ``example_inputs`` (keyword dict or positional tuple) fixes the batch; otherwise inputs come
     from the model's config at ``batch_size`` × ``seq_len``. With ``batch_size=None`` the plan is
     for the largest batch that fits with sampling; the search stops at ``max_batch`` (a plan whose
-    largest batch reaches it says that larger ones may fit too). ``seq_len`` given with
+    largest batch reaches it says that larger ones may fit too). A model that runs batch 1 only (a
+    decoder's sequence classifier without ``config.pad_token_id``) is planned at batch 1 with that
+    as its largest batch, and says why; asked for any other batch, a ``ValueError`` names the fix.
+    ``seq_len`` given with
     ``example_inputs`` must match their length. A budget that cannot be met gives a plan with
     ``fits=False`` and advice; a sequence longer than the model's learned position table, a
     ``ValueError`` saying so.
@@ -144,6 +147,13 @@ def plan(
         trace_batch = batch_size or 2  # 2: batch sizes 0 and 1 are never symbolic
         inputs = default_example_inputs(model, trace_batch, seq_len)
     search = batch_size is None
+    max_batch_reason = batch_one_only(model) or ""
+    if max_batch_reason:
+        if trace_batch != 1:
+            raise ValueError(f"{max_batch_reason}: the model runs batch 1 only. Set model.config.pad_token_id "
+                             "(the tokenizer's pad_token_id, or its eos_token_id if it has none), or plan at "
+                             "batch_size=1")
+        max_batch = 1
     # A 7B-shaped model traces for tens of seconds: say what is happening (silent off a terminal).
     with tqdm(total=2 * len(budgets), desc="wtacompile.plan", unit="stage", disable=None,
               leave=False) as progress:
@@ -195,8 +205,10 @@ def plan(
             dense = dense or states
             progress.update()
             progress.set_postfix_str("searching the largest batch" if search else "solving")
-            tried.append(_solve_plan(model, states, dense, partitioner, balance, budget, mem_gb, batch_size,
-                                     seq_len, trace_batch, optimizer, menu, min_rows, max_batch, world_size))
+            tried.append(dataclasses.replace(
+                _solve_plan(model, states, dense, partitioner, balance, budget, mem_gb, batch_size, seq_len,
+                            trace_batch, optimizer, menu, min_rows, max_batch, world_size),
+                max_batch_reason=max_batch_reason))
             progress.update()
             return tried[-1] if tried[-1].fits else None
 
