@@ -40,7 +40,10 @@ less recompute.
 
 At budget 1 the two traces need nothing from each other: within a plan the sampled one runs in a
 forked process beside the dense one (:mod:`wtacompile.analysis.forked`) and sends back what the
-verdicts need as plain data (:class:`SampleFacts`), judged here against the dense trace.
+verdicts need as plain data (:class:`SampleFacts`), judged here against the dense trace. Read for
+its structure only, it is traced lighter than it compiles: at the traced sizes, with norm-only
+row scores and without the weight gradients' non-finite marker (none of them changes what forward
+saves; about half the nodes).
 
 The two traces name their nodes differently, so tensors are matched by provenance: the dynamo
 node they came from plus numel, dtype and ordinal
@@ -66,7 +69,7 @@ from wtacompile.analysis.graph_cost import graph_cost, with_recompute_of
 from wtacompile.analysis.forked import beside
 from wtacompile.analysis.graph_numbers import Sizer, graph_memory, provenance_keys, saved_bytes, sketch, slopes_match
 from wtacompile.analysis.partition_trace import (PartitionTrace, batch_symbols_of, copy_module, has_subgraph_calls,
-                                                trace_joint, trace_largest_fitting, trace_partition)
+                                                trace_joint, trace_largest_fitting, trace_partition, warm_up_tracing)
 from wtacompile.config import WTAConfig
 from wtacompile.lower import SAVED_DTYPE, effective_partitioner_budget, expose_samples, sampled_storage
 from wtacompile.memory_model import Size
@@ -99,7 +102,7 @@ def analyze_savings(gm: fx.GraphModule, state: CompileState) -> CompileState:
         # each input sized from its twin in the dense trace.
         trial, rewritten = _sampled_graph(gm, candidates, config, under_recompute)
         verdicts = beside(lambda: _sample_facts(trace_partition(trial, config, static=True), rewritten),
-                          "the sampled graph's verdict trace")
+                          "the sampled graph's verdict trace", lambda: warm_up_tracing(config.inner))
     try:
         dense, dense_sizer = _dense_trace(gm, config, under_recompute)
     except BaseException:
@@ -193,7 +196,7 @@ def _dense_trace(gm: fx.GraphModule, config: WTAConfig, under_recompute: bool) -
         symbols, traced_batch = batch
         # The second trace needs nothing from the first: it may run beside it (wtacompile.analysis.forked).
         later = beside(lambda: sketch(trace_joint(gm, config, dict.fromkeys(symbols, traced_batch + 1))),
-                       f"the trace at batch {traced_batch + 1}")
+                       f"the trace at batch {traced_batch + 1}", lambda: warm_up_tracing(config.inner))
         try:
             dense = trace_partition(gm, config, static=True)
         except BaseException:
@@ -239,18 +242,20 @@ class _AsIfExact:
         return self._sizer(node) if size is None else size
 
 
-def _sampled_graph(gm: fx.GraphModule, candidates, config: WTAConfig, under_recompute: bool
-                   ) -> tuple[fx.GraphModule, Rewritten]:
+def _sampled_graph(gm: fx.GraphModule, candidates, config: WTAConfig, under_recompute: bool,
+                   nonfinite_marker: bool | None = None) -> tuple[fx.GraphModule, Rewritten]:
     """A copy of ``gm`` with every candidate sampled at its requested ratio, one sample per input,
     the draw exposed in forward as the real compile exposes it."""
     trial = copy_module(gm)
     # At budget 1 the sampled trace gives verdicts only. Gradient-aware scores add the row cells
     # and the learned states (read by the draw in forward, written from dY in backward), none of
     # which touches x, so the trace is made with norm-only scores: about half the nodes (plans of
-    # eight families identical either way). Under recompute the sampled partition's own bytes are
-    # the memory, so it is traced as it will be compiled.
+    # eight families identical either way); so is the non-finite marker, a backward read of dY
+    # (a sixth of the rest; the facts are the same, tests/test_passes.py). Under recompute the
+    # sampled partition's own bytes are the memory, so it is traced as it will be compiled.
     rewritten = rewrite_sites(trial, candidates, {s.weight: s.requested_ratio for s in candidates}, config,
-                              fresh_states if under_recompute else None)
+                              fresh_states if under_recompute else None,
+                              nonfinite_marker=under_recompute if nonfinite_marker is None else nonfinite_marker)
     expose_samples(trial)
     return trial, rewritten
 

@@ -31,6 +31,8 @@ class CompileState:
     analysis: SavingsAnalysis | None = None  # analyze_savings
     decisions: Mapping[str, SiteDecision] = field(default_factory=lambda: MappingProxyType({}))  # choose_ratios
     parameter_names: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))  # id → model's name
+    # A tied parameter's other names, by its first (GPT-2's head: lm_head.weight for transformer.wte.weight)
+    parameter_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     budget: BudgetLedger | None = None  # the model's mem_gb ledger (the backend's, per model)
 
     @property

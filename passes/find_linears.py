@@ -80,7 +80,7 @@ def find_linears(gm: fx.GraphModule, state: CompileState) -> CompileState:
             out_features=size_hint(out_features),
             input_bytes=numel * x_value.element_size(),
             weight_requires_grad=bool(weight.requires_grad),
-            requested_ratio=state.config.ratio_for(fqn),
+            requested_ratio=state.config.ratio_for(fqn, state.parameter_aliases.get(fqn, ())),
             dynamic_rows=isinstance(x_value.numel(), torch.SymInt),
             checkpointed=checkpointed,
         ))

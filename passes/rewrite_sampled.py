@@ -127,13 +127,14 @@ def _device_of(node: fx.Node) -> torch.device:
 
 def rewrite_sites(gm: fx.GraphModule, sites: Iterable[LinearSite], ratios: Mapping[str, float],
                   config: WTAConfig, states: StateProvider | None = None,
-                  rows_in_backward: frozenset[str] = frozenset()) -> Rewritten:
+                  rows_in_backward: frozenset[str] = frozenset(), nonfinite_marker: bool = True) -> Rewritten:
     """Rewrite each site whose weight has a ratio in ``ratios``, one sample per input node.
 
     ``states`` gives each sampled weight's :mod:`~wtacompile.grad_predictor` state under
     ``config.row_scores == "gradient"`` (``None``: norm-only scores whatever the config).
     The samples of the weights in ``rows_in_backward`` leave their compact rows to backward
-    (:data:`ROWS_IN_BACKWARD`).
+    (:data:`ROWS_IN_BACKWARD`). ``nonfinite_marker=False``: for a graph traced only to read what
+    its partition saves (see :func:`~wtacompile.ops.linear_with_sampled_grad`).
     """
     learning = states is not None and config.row_scores == "gradient" and bool(ratios)
     if learning:
@@ -187,7 +188,8 @@ def rewrite_sites(gm: fx.GraphModule, sites: Iterable[LinearSite], ratios: Mappi
             with graph.inserting_before(node):
                 weight = _to_out_in(graph, weight, site.weight_layout)
                 replacement = graph.call_function(linear_with_sampled_grad, (
-                    x, weight, bias, index, x_saved, cells, member_states.get(site.weight)))
+                    x, weight, bias, index, x_saved, cells, member_states.get(site.weight)),
+                    {} if nonfinite_marker else {"nonfinite_marker": False})
             replacement.meta.update(node.meta)
             node.replace_all_uses_with(replacement)
             graph.erase_node(node)

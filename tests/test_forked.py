@@ -38,6 +38,30 @@ def test_the_value_comes_from_the_child():
     assert deferred.result() != os.getpid()
 
 
+def test_prepare_runs_here_only_before_a_fork():
+    """``prepare`` is setup the child inherits: run in this process, and only when it forks."""
+    prepared = []
+    with traces_in_parallel(False):
+        deferred = beside(_child_pid, "a test", lambda: prepared.append(os.getpid()))
+    assert deferred.result() == os.getpid() and prepared == []
+    if _FORKS:
+        with traces_in_parallel():
+            deferred = beside(lambda: (_child_pid(), len(prepared)), "a test",
+                              lambda: prepared.append(os.getpid()))
+        child, seen = deferred.result()
+        assert prepared == [os.getpid()] and child != os.getpid() and seen == 1  # inherited
+
+
+def test_tracing_warm_up_keeps_no_joint_graph():
+    """The two-linear warm-up trace leaves nothing in the joint-graph cache it runs within."""
+    from wtacompile.analysis.partition_trace import reusing_joint_graphs, warm_up_tracing
+
+    warm_up_tracing.cache_clear()
+    with reusing_joint_graphs() as joints:
+        warm_up_tracing("aot_eager")
+    assert joints == {}
+
+
 @needs_fork
 def test_a_child_that_dies_is_redone_here(caplog):
     def work():

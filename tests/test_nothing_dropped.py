@@ -217,6 +217,29 @@ def test_patterns_matching_no_parameter_warn():
         torch.compile(model, backend="wtacrs", options=dict(AOT, exclude=["layers.0.*"]))(**batch)
 
 
+def test_a_tied_head_answers_to_each_of_its_names():
+    """GPT-2's head is its token embedding (tied): the site is named transformer.wte.weight, and
+    include/exclude/keep_ratios written for lm_head.weight reach it (they used to pass the
+    no-match check and be ignored)."""
+    model, batch = build("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+    def head_ratio(**options):
+        torch._dynamo.reset()
+        wtacompile.clear_reports()
+        torch.compile(model, backend="wtacrs", options=dict(AOT, **options))(**batch)
+        sites = {s.weight: s for r in wtacompile.compile_reports() if r.training for s in r.sites}
+        return sites["transformer.wte.weight"].keep_ratio, len([s for s in sites.values() if s.sampled])
+
+    ratio, sampled = head_ratio()
+    assert ratio == 0.3 and sampled > 1  # sampled unless told otherwise
+    assert head_ratio(exclude=["*lm_head*"])[0] is None  # not a candidate
+    assert head_ratio(keep_ratios={"lm_head.weight": 1.0})[0] is None  # exact
+    assert head_ratio(include=["lm_head.weight"]) == (0.3, 1)
+    assert WTAConfig(exclude=("*lm_head*",)).ratio_for("transformer.wte.weight", ("lm_head.weight",)) is None
+    assert WTAConfig(keep_ratios={"lm_head.weight": 0.5}).ratio_for("wte", ("lm_head.weight",)) == 0.5
+
+
 @pytest.mark.parametrize("options, match", [
     ({"include": 5}, "include must be an fnmatch pattern"),
     ({"exclude": [1]}, "exclude must be an fnmatch pattern"),

@@ -202,3 +202,39 @@ def test_faster_min_cut_partitions_exactly_like_the_default(family, budget):
         nx.minimum_cut = default
     assert nx.algorithms.flow.boykov_kolmogorov in cuts and None in cuts  # both ran
     assert splits[True] and splits[True] == splits[False]  # every graph's split
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "t5", "llama", "opt", "vit"])
+def test_verdict_trace_without_the_marker_reads_the_same_facts(family):
+    """The verdict trace leaves the weight gradients' non-finite marker out (a backward read of
+    dY): per sampled input, every fact the verdicts are read from is the same as with it, in a
+    smaller joint graph (with and without bias: BERT/GPT-2/OPT/ViT's linears have one)."""
+    from hf_models import build
+
+    from wtacompile.analysis.partition_trace import trace_partition
+    from wtacompile.passes.analyze_savings import _sample_facts, _sampled_graph
+    from wtacompile.passes.find_linears import find_linears
+
+    model, batch = build(family)
+    config = WTAConfig(inner="aot_eager")
+    compared = []
+
+    def backend(gm, inputs):
+        state = find_linears(gm, CompileState(config, tuple(inputs)))
+        candidates = [s for s in state.sites if s.skip_reason is None]
+        facts, sizes = [], []
+        for marker in (True, None):  # None: as the verdict trace is made
+            trial, rewritten = _sampled_graph(gm, candidates, config, False, nonfinite_marker=marker)
+            split = trace_partition(trial, config, static=True)
+            facts.append(_sample_facts(split, rewritten))
+            sizes.append(len(split.joint.graph.nodes))
+        compared.append((*facts, *sizes, len(candidates)))
+        return gm.forward
+
+    with torch.enable_grad():
+        torch.compile(model, backend=backend)(**batch)
+    compared = [c for c in compared if c[-1]]  # graphs with something to sample
+    assert compared
+    for with_marker, without, nodes_with, nodes_without, candidates in compared:
+        assert with_marker and with_marker == without
+        assert nodes_without < nodes_with - 2 * candidates  # the marker really left out

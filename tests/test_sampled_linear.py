@@ -260,3 +260,22 @@ def test_sharing_a_sample_saves_one_copy():
     k = num_kept_rows(500, 0.3, 10)
     assert meter.activation_bytes == k * 32 * 4 + k * 8  # not three copies, and not x
     sum(o.sum() for o in outs).backward()
+
+
+def test_compiles_in_one_graph_with_autocast_inside():
+    """sampled_linear in user code compiled with fullgraph=True (nothing in it breaks the graph),
+    autocast entered inside the compiled function: exact forward, fp32 gradients."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 32, requires_grad=True)
+    x = torch.randn(64, 32)
+
+    def loss(x, sampled=True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = sampled_linear(x, w, keep_ratio=0.3) if sampled else F.linear(x, w)
+        return y.float().square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    value = compiled(x)
+    assert torch.equal(value, loss(x, sampled=False))
+    value.backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()

@@ -138,6 +138,15 @@ def parameter_names(model: torch.nn.Module) -> dict[int, str]:
     return names
 
 
+def parameter_aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """A tied parameter's other names, by its first (:func:`parameter_names`'s): GPT-2's
+    ``{"transformer.wte.weight": ("lm_head.weight",)}``. Untied parameters are not listed."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in unwrap_compiled(model).named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return {first: tuple(rest) for first, *rest in names.values() if rest}
+
+
 def source_parameter_name(source: str, *, buffers: bool = False) -> str | None:
     """The FQN of the parameter (or, with ``buffers``, buffer) a dynamo source spells, else ``None``.
 

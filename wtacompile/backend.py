@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from wtacompile._compat import graph_root_module, parameter_names
+from wtacompile._compat import graph_root_module, parameter_aliases, parameter_names
 from wtacompile.analysis.partition_trace import reusing_joint_graphs
 from wtacompile.compiled_models import align_settings, graph_key, ledger_for, owning_model
 from wtacompile.config import WTAConfig
@@ -82,7 +82,9 @@ def wtacrs_backend(
             config = align_settings(config, model)
         budget = ledger_for(model, config.fingerprint()) if config.mem_gb is not None else None
         names = MappingProxyType(parameter_names(model) if model is not None else {})
-        state = CompileState(config, tuple(example_inputs), budget=budget, parameter_names=names)
+        aliases = MappingProxyType(parameter_aliases(model) if model is not None else {})
+        state = CompileState(config, tuple(example_inputs), budget=budget, parameter_names=names,
+                             parameter_aliases=aliases)
         state, step_time = _analyse_and_decide(gm, state, example_inputs)
         state = rewrite_sampled(gm, state)
         _warn_checkpointed(state.sites)

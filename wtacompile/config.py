@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,13 +145,17 @@ class WTAConfig:
             kwargs["match_budget_bytes"] = False  # the plan's bytes are the sampled partition's at its budget
         return cls(**kwargs)
 
-    def ratio_for(self, weight_name: str) -> float | None:
-        """The keep ratio for a weight, or ``None`` if include/exclude rule it out."""
-        if self.include and not any(fnmatch.fnmatchcase(weight_name, p) for p in self.include):
+    def ratio_for(self, weight_name: str, aliases: Sequence[str] = ()) -> float | None:
+        """The keep ratio for a weight, or ``None`` if include/exclude rule it out. A tied weight
+        answers to each of its names: ``weight_name`` and its ``aliases`` (GPT-2's head,
+        ``transformer.wte.weight``, is excluded by ``"*lm_head*"`` too)."""
+        names = (weight_name, *aliases)
+        if self.include and not any(fnmatch.fnmatchcase(n, p) for n in names for p in self.include):
             return None
-        if any(fnmatch.fnmatchcase(weight_name, p) for p in self.exclude):
+        if any(fnmatch.fnmatchcase(n, p) for n in names for p in self.exclude):
             return None
-        return dict(self.keep_ratios).get(weight_name, self.keep_ratio)
+        ratios = dict(self.keep_ratios)
+        return next((ratios[n] for n in names if n in ratios), self.keep_ratio)
 
     def fingerprint(self) -> str:
         """A short stable hash of every field: different plans never share a compiled graph."""

@@ -74,6 +74,12 @@ def sample_input(x: torch.Tensor, keep_ratio: float, method: str = "wtacrs",
     ``states`` of the weights that will read the sample, rows score ``‖X_i‖ · w_i``, the
     gradient-aware scores of :mod:`wtacompile.grad_predictor`; otherwise ``‖X_i‖``.
     """
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        # The matmuls read x cast to autocast's dtype: the rows are drawn from and saved as that
+        # (as dense autograd saves the cast input), with autocast off so nothing is cast twice.
+        with torch.autocast(x.device.type, enabled=False):
+            return sample_input(x.to(dtype), keep_ratio, method, min_rows, cells, states)
     x2d = x.detach().reshape(-1, x.shape[-1])
     k = num_kept_rows(x2d.shape[0], keep_ratio, min_rows)
     # Compiled, the norms and the gather are plain ops: Inductor fuses the norms into the kernel
@@ -95,13 +101,14 @@ def sample_input(x: torch.Tensor, keep_ratio: float, method: str = "wtacrs",
 
 class _SampledGradLinear(torch.autograd.Function):
     @staticmethod
-    def forward(x, weight, bias, index, x_saved, cells, state):
+    def forward(x, weight, bias, index, x_saved, cells, state, nonfinite_marker):
         return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _x, weight, bias, index, x_saved, cells, state = inputs
+        _x, weight, bias, index, x_saved, cells, state, nonfinite_marker = inputs
         ctx.has_bias = bias is not None
+        ctx.nonfinite_marker = nonfinite_marker
         ctx.learns = cells is not None and state is not None
         # The state itself is not needed: backward returns what it observed as the state's
         # "gradient" (grad_predictor.learning_state folds it in).
@@ -123,12 +130,13 @@ class _SampledGradLinear(torch.autograd.Function):
             weight_grad = (kernels.sampled_weight_grad if kernels.uses_triton(grad_2d)
                            else kernels.sampled_weight_grad_reference)
             grad_w = weight_grad(grad_2d, index, x_saved).to(weight.dtype)
-            # db's column sums already carry any non-finite dY entry: read out values, not N·out.
-            grad_w = grad_w + _nonfinite_marker(grad_b if grad_b is not None else grad_2d).to(grad_w.dtype)
+            if ctx.nonfinite_marker:
+                # db's column sums already carry any non-finite dY entry: read out values, not N·out.
+                grad_w = grad_w + _nonfinite_marker(grad_b if grad_b is not None else grad_2d).to(grad_w.dtype)
         grad_state = None
         if ctx.learns and ctx.needs_input_grad[6]:
             grad_state = grad_predictor.observation(cells[0], grad_2d.detach())
-        return grad_x, grad_w, grad_b, None, None, None, grad_state
+        return grad_x, grad_w, grad_b, None, None, None, grad_state, None
 
 
 def _nonfinite_marker(grad: torch.Tensor) -> torch.Tensor:
@@ -151,15 +159,38 @@ def _nonfinite_marker(grad: torch.Tensor) -> torch.Tensor:
 def linear_with_sampled_grad(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                              index: torch.Tensor, x_saved: torch.Tensor,
                              cells: Optional[torch.Tensor] = None,
-                             state: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             state: Optional[torch.Tensor] = None, *, nonfinite_marker: bool = True) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` whose weight gradient is ``G[index]ᵀ x_saved`` (a
     :class:`RowSample` of ``x``); ``dX`` and ``db`` are exact. ``weight`` is ``(out, in)``.
 
     With ``cells`` and ``state`` (this weight's, :func:`wtacompile.grad_predictor.state_for`),
     backward also returns what ``dY``'s row norms teach as ``state``'s gradient
     (:func:`~wtacompile.grad_predictor.observation`), which the state folds in.
+
+    ``nonfinite_marker=False`` leaves out what carries a non-finite ``dY`` into ``dW``
+    (:func:`_nonfinite_marker`): only for graphs traced to read what forward saves (which it,
+    a backward read of ``dY``, cannot change), never for one that trains.
     """
-    return _SampledGradLinear.apply(x, weight, bias, index, x_saved, cells, state)
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        # As F.linear under autocast: every operand cast to its dtype, autocast off inside. Then
+        # backward computes in that dtype too (it runs outside the autocast region where that was
+        # entered inside a compiled function) and the casts' own backward returns each gradient in
+        # its parameter's dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            return _SampledGradLinear.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                                            index, x_saved.to(dtype), cells, state, nonfinite_marker)
+    return _SampledGradLinear.apply(x, weight, bias, index, x_saved, cells, state, nonfinite_marker)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast casts ``x`` to for a matmul here, or ``None`` (autocast is off, or
+    leaves ``x`` alone: it casts float32, not float64 or integers)."""
+    device_type = x.device.type
+    if (x.is_floating_point() and x.dtype != torch.float64 and torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def sampled_linear(
@@ -209,14 +240,11 @@ def sampled_linear(
                              f"({x.numel() // x.shape[-1]},); got {cells.dtype} {tuple(cells.shape)} "
                              "(make them with wtacompile.grad_predictor.row_cells)")
         learning = (cells, grad_state)
-    device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        # Sample and save the rows in the dtype the matmul will read, as F.linear would cast them.
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return _sampled(x, weight, bias, keep_ratio, method, min_rows, learning)
+    dtype = _autocast_dtype(x)
+    if dtype is not None:  # cast once here (each step would cast x again, eager)
+        with torch.autocast(x.device.type, enabled=False):
+            return _sampled(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                            keep_ratio, method, min_rows, learning)
     return _sampled(x, weight, bias, keep_ratio, method, min_rows, learning)
 
 

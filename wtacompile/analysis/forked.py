@@ -81,11 +81,13 @@ def _can_fork() -> bool:
 class Deferred(Generic[T]):
     """The result of ``work``: from the forked child started with it, or computed here when asked."""
 
-    def __init__(self, work: Callable[[], T], what: str) -> None:
+    def __init__(self, work: Callable[[], T], what: str, prepare: Callable[[], object] | None = None) -> None:
         self._work, self._what = work, what
         self._process = self._connection = None
         self._started = time.perf_counter()
         if _can_fork():
+            if prepare is not None:
+                prepare()
             try:
                 self._start()
             except Exception as error:  # noqa: BLE001 - no memory or process slots: trace here instead
@@ -153,10 +155,12 @@ class Deferred(Generic[T]):
         return value
 
 
-def beside(work: Callable[[], T], what: str) -> Deferred[T]:
+def beside(work: Callable[[], T], what: str, prepare: Callable[[], object] | None = None) -> Deferred[T]:
     """Start ``work`` (a trace that returns plain, picklable data) in a forked child where that
-    is allowed (see the module docstring); ``.result()`` gives its value."""
-    return Deferred(work, what)
+    is allowed (see the module docstring); ``.result()`` gives its value. ``prepare`` runs here
+    first, only if the work is forked: one-time setup the child then inherits instead of
+    repeating (:func:`wtacompile.analysis.partition_trace.warm_up_tracing`)."""
+    return Deferred(work, what, prepare)
 
 
 def _relayed(caught: warnings.WarningMessage) -> tuple:

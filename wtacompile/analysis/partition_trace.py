@@ -33,7 +33,8 @@ from wtacompile.lower import (WIDENED_FROM, effective_partitioner_budget, partit
 from wtacompile.solver import largest_fitting
 
 __all__ = ["JointGraphs", "PartitionTrace", "TracedJoint", "batch_symbols_of", "copy_module", "has_subgraph_calls",
-           "reusing_joint_graphs", "trace_joint", "trace_largest_fitting", "trace_partition"]
+           "reusing_joint_graphs", "trace_joint", "trace_largest_fitting", "trace_partition",
+           "warm_up_tracing"]
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,36 @@ def trace_joint(gm: fx.GraphModule, config: WTAConfig, at: dict) -> fx.GraphModu
     if torch._functorch.config.cse:
         joint.graph = fx_graph_cse(joint.graph)
     return joint
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.second(torch.nn.functional.silu(self.first(x))),)
+
+
+@functools.cache
+def warm_up_tracing(inner: str) -> None:
+    """Trace a graph of two linears through :func:`trace_partition` once per process and inner
+    compiler, so that the imports and one-time setup of AOTAutograd's first trace (about 150
+    modules, Inductor's decomposition table: ~0.8 s on two CPU cores) are done before a trace is
+    forked (:func:`wtacompile.analysis.forked.beside`): each child inherits them instead of
+    paying for them again, on the cores the other traces need."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graph = fx.symbolic_trace(_TwoLinears())
+    fake_mode = FakeTensorMode()
+    for placeholder in graph.graph.find_nodes(op="placeholder"):
+        placeholder.meta["example_value"] = fake_mode.from_tensor(torch.empty(2, 8))
+    token = _JOINT_GRAPHS.set(None)  # not one of the model's joint graphs: kept nowhere
+    try:
+        with torch.enable_grad():
+            trace_partition(graph, WTAConfig(inner=inner), static=True)
+    finally:
+        _JOINT_GRAPHS.reset(token)
 
 
 def _decompositions(config: WTAConfig):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from wtacompile._compat import compile_isolated, fake_twin, parameter_names
+from wtacompile._compat import compile_isolated, fake_twin, parameter_aliases, parameter_names
 from wtacompile.analysis.partition_trace import JointGraphs, copy_module, reusing_joint_graphs
 from wtacompile.config import WTAConfig
 from wtacompile.passes import ANALYSIS_PASSES, CompileState, run_passes
@@ -36,6 +36,8 @@ class CapturedGraphs:
     # reference only.
     kept_alive: tuple[Any, ...]
     joints: JointGraphs = dataclasses.field(default_factory=dict)
+    # A tied parameter's other names (wtacompile._compat.parameter_aliases)
+    aliases: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 def capture_analyses(model: torch.nn.Module, example_inputs, config: WTAConfig,
@@ -54,7 +56,8 @@ def analyse_graphs(captured: CapturedGraphs, config: WTAConfig, keep_joints: boo
     ``keep_joints``: keep the joint graphs they trace in ``captured`` for later analyses."""
     reuse = reusing_joint_graphs(captured.joints) if keep_joints else contextlib.nullcontext()
     with torch.enable_grad(), reuse:
-        return [run_passes(gm, CompileState(config, inputs, parameter_names=names), ANALYSIS_PASSES)
+        return [run_passes(gm, CompileState(config, inputs, parameter_names=names,
+                                            parameter_aliases=MappingProxyType(captured.aliases)), ANALYSIS_PASSES)
                 for gm, inputs, names in captured.graphs]
 
 
@@ -97,7 +100,7 @@ def capture_graphs(model: torch.nn.Module, example_inputs, symbolic_batch: int |
         compile_isolated(model, capture_backend)(*args, **kwargs)
     if not graphs:
         raise ValueError("plan(): the model produced no training graph (nothing requires grad?)")
-    return CapturedGraphs(graphs, (twins, args, kwargs))
+    return CapturedGraphs(graphs, (twins, args, kwargs), aliases=parameter_aliases(model))
 
 
 def _twin_device(t: torch.Tensor) -> torch.device:
