@@ -107,6 +107,15 @@ def test_decisions_and_report():
     assert "mid.weight" in str(report)
 
 
+def test_a_graph_without_linears_points_to_every_report():
+    """After a graph break the last graph may hold no linear (GPT-2's tail after its logger
+    call): its report says so and where the others are, instead of an empty table."""
+    from wtacompile.report import GraphReport
+
+    text = str(GraphReport.build(7, "f", True))
+    assert text.startswith("wtacrs graph 7: no linear layers in this graph") and "compile_reports()" in text
+
+
 def test_include_exclude_and_per_weight_ratios():
     model = MLP()
     x = torch.randn(256, 16)

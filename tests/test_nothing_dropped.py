@@ -236,6 +236,13 @@ def test_a_tied_head_answers_to_each_of_its_names():
     assert head_ratio(exclude=["*lm_head*"])[0] is None  # not a candidate
     assert head_ratio(keep_ratios={"lm_head.weight": 1.0})[0] is None  # exact
     assert head_ratio(include=["lm_head.weight"]) == (0.3, 1)
+    # plan() traces the model tied, as it trains: the same site name, the same patterns.
+    planned = plan(model, 1.0, example_inputs=batch, inner="aot_eager", activation_budgets=(1.0,))
+    assert "transformer.wte.weight" in [layer.weight for layer in planned.layers]
+    assert "lm_head.weight" not in [layer.weight for layer in planned.layers]
+    excluded = plan(model, 1.0, example_inputs=batch, inner="aot_eager", activation_budgets=(1.0,),
+                    exclude=("*lm_head*",))
+    assert "transformer.wte.weight" not in [layer.weight for layer in excluded.layers]
     assert WTAConfig(exclude=("*lm_head*",)).ratio_for("transformer.wte.weight", ("lm_head.weight",)) is None
     assert WTAConfig(keep_ratios={"lm_head.weight": 0.5}).ratio_for("wte", ("lm_head.weight",)) == 0.5
 
@@ -401,9 +408,10 @@ def test_plan_of_a_classifier_that_runs_batch_one_only():
     one = plan(model, 1.0, batch_size=1, seq_len=8, inner="aot_eager", activation_budgets=(1.0,))
     assert one.max_batch_size == one.baseline_max_batch_size == 1 and not one.largest_batch_capped
     assert "no batch above 1 runs: LlamaForSequenceClassification finds each row's last token" in str(one)
+    assert wtacompile.planning.inputs.batch_one_only(torch.compile(model)) == one.max_batch_reason
     assert wtacompile.Plan.from_json(one.to_json()).max_batch_reason == one.max_batch_reason
     for kwargs in ({}, {"batch_size": 4}):
-        with pytest.raises(ValueError, match="runs batch 1 only. Set model.config.pad_token_id"):
+        with pytest.raises(ValueError, match="runs batch 1 only. Set its config's pad_token_id"):
             plan(model, 1.0, seq_len=8, inner="aot_eager", **kwargs)
     model.config.pad_token_id = 0
     padded = plan(model, 1.0, batch_size=1, seq_len=8, inner="aot_eager", activation_budgets=(1.0,))

@@ -1,6 +1,7 @@
 """Each pass on its own: values in, values out (the backend tests cover them end to end)."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -142,6 +143,10 @@ def _plan_json(**changes):
 def test_plan_json_roundtrip_and_schema():
     plan, text = _plan_json()
     assert Plan.from_json(text) == plan and f'"schema": "{PLAN_SCHEMA}"' in text
+    older = json.loads(text)  # a plan of schema /2 had no max_batch_reason
+    older["schema"] = "wtacompile.plan/2"
+    del older["max_batch_reason"]
+    assert Plan.from_json(json.dumps(older)) == plan
 
 
 @pytest.mark.parametrize("changes,match", [

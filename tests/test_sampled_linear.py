@@ -279,3 +279,26 @@ def test_compiles_in_one_graph_with_autocast_inside():
     assert torch.equal(value, loss(x, sampled=False))
     value.backward()
     assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
+def test_both_steps_cast_as_f_linear_under_autocast():
+    """sample_input and linear_with_sampled_grad called directly (as a rewritten graph calls
+    them) inside autocast: rows drawn and saved in its dtype, output as F.linear's, and each
+    gradient in its operand's dtype, with backward run outside the autocast region."""
+    from wtacompile.ops import linear_with_sampled_grad, sample_input
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 30, 32, requires_grad=True)
+    w = torch.randn(16, 32, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sample = sample_input(x, 0.3)
+        y = linear_with_sampled_grad(x, w, b, sample.index, sample.x_saved)
+        y_ref = F.linear(x, w, b)
+    assert sample.x_saved.dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    dx, db = torch.autograd.grad(y_ref, (x, b), g)
+    got_dx, got_dw, got_db = torch.autograd.grad(y, (x, w, b), g)  # outside autocast
+    assert (got_dx.dtype, got_dw.dtype, got_db.dtype) == (torch.float32,) * 3
+    assert torch.equal(got_dx, dx) and torch.equal(got_db, db)

@@ -40,8 +40,13 @@ class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
         return self
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        from wtacompile.grad_predictor import sampler_storages
+
         key = storage_key(t)
-        if key not in self._excluded and t.device.type != "meta":
+        # The sampler's per-weight states are persistent, like buffers: left out. Judged now, while
+        # the tensor is alive: read later, a state allocated where a freed activation was would
+        # hide that activation (its address is all the key holds).
+        if key not in self._excluded and t.device.type != "meta" and key not in sampler_storages():
             self._storages[key] = t.untyped_storage().nbytes()
         return t
 
@@ -53,16 +58,11 @@ class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
     def activation_bytes(self) -> int:
         """Bytes of the distinct non-parameter storages saved for backward (the sampler's
         per-weight states, persistent like buffers, are left out too)."""
-        from wtacompile.grad_predictor import sampler_storages
-
-        persistent = sampler_storages()
-        return sum(n for key, n in self._storages.items() if key not in persistent)
+        return sum(self._storages.values())
 
     @property
     def num_storages(self) -> int:
-        from wtacompile.grad_predictor import sampler_storages
-
-        return len(self._storages.keys() - sampler_storages())
+        return len(self._storages)
 
 
 def measure_peak_bytes(fn: Callable[[], object]) -> int:

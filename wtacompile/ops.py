@@ -23,9 +23,11 @@ Under AOTAutograd the autograd function is traced into plain aten ops: the parti
 backward needs ``x_saved`` and ``index``, and may recompute ``x_saved`` from ``x`` when it keeps
 ``x`` anyway (the gather is cheap), which costs no memory and still shrinks the ``dW`` GEMM.
 
+Under autocast both steps cast as ``F.linear`` would (rows drawn and saved in its dtype; backward
+then computes in it wherever it runs, and each gradient comes back in its operand's dtype).
 :func:`sampled_linear` is both steps for one linear; use it rather than the raw ops: it validates
-arguments, applies autocast the way ``F.linear`` would, and skips all sampling work where it cannot
-pay (frozen weight, no grad, ``keep_ratio == 1``).
+arguments, casts once for both steps, and skips all sampling work where it cannot pay (frozen
+weight, no grad, ``keep_ratio == 1``).
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 __all__ = ["PLAN_SCHEMA", "LayerPlan", "Plan"]
 
-PLAN_SCHEMA = "wtacompile.plan/2"
-# Schemas from_json reads: /1 had no partitioner budget (it was always 1) and no step-time figure.
-_READABLE_SCHEMAS = ("wtacompile.plan/1", PLAN_SCHEMA)
+PLAN_SCHEMA = "wtacompile.plan/3"
+# Schemas from_json reads: /1 had no partitioner budget (it was always 1) and no step-time figure;
+# /2 no max_batch_reason.
+_READABLE_SCHEMAS = ("wtacompile.plan/1", "wtacompile.plan/2", PLAN_SCHEMA)
 GIB = 2**30
 MIB = 2**20
 

@@ -102,6 +102,11 @@ class GraphReport:
                 extra += f" (raised from {self.raised_from:g}: saves no more than its dense partition)"
         if self.predicted_step_time is not None:
             extra += f", predicted step time {self.predicted_step_time:.2f}x dense"
+        if not self.sites:
+            # Typically the tail of a model split by a graph break (GPT-2's logger call): the
+            # linears are in an earlier graph's report.
+            return (f"wtacrs graph {self.graph_id}: no linear layers in this graph{extra}; a graph break "
+                    "splits a model into several graphs, each reported: wtacompile.compile_reports()")
         return (
             f"wtacrs graph {self.graph_id}: {len(self.sampled_sites)}/{len(self.sites)} linears "
             f"sampled, ~{self.predicted_freed_bytes / 2**20:.2f} MiB freed{extra}\n{self.table()}"

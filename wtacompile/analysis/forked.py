@@ -85,9 +85,7 @@ class Deferred(Generic[T]):
         self._work, self._what = work, what
         self._process = self._connection = None
         self._started = time.perf_counter()
-        if _can_fork():
-            if prepare is not None:
-                prepare()
+        if _can_fork() and _prepared(prepare, what) and _can_fork():  # (prepare may have changed that)
             try:
                 self._start()
             except Exception as error:  # noqa: BLE001 - no memory or process slots: trace here instead
@@ -153,6 +151,16 @@ class Deferred(Generic[T]):
         log.warning("wtacompile: %s in a forked process failed (%s); traced in this process instead",
                     self._what, why)
         return value
+
+
+def _prepared(prepare: Callable[[], object] | None, what: str) -> bool:
+    """Run ``prepare`` (a speed-up only: a failure is logged, and the work forks unprepared)."""
+    if prepare is not None:
+        try:
+            prepare()
+        except Exception as error:  # noqa: BLE001 - the child then does that setup itself
+            log.debug("wtacompile: preparing to fork for %s failed (%s: %s)", what, type(error).__name__, error)
+    return True
 
 
 def beside(work: Callable[[], T], what: str, prepare: Callable[[], object] | None = None) -> Deferred[T]:

@@ -226,7 +226,9 @@ def trace_joint(gm: fx.GraphModule, config: WTAConfig, at: dict) -> fx.GraphModu
 class _TwoLinears(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.first, self.second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+        # Uninitialised, on the CPU: no draw from the user's random stream, no default device.
+        self.first = torch.nn.Linear(8, 8, device="meta").to_empty(device="cpu")
+        self.second = torch.nn.Linear(8, 4, device="meta").to_empty(device="cpu")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.second(torch.nn.functional.silu(self.first(x))),)
@@ -244,7 +246,7 @@ def warm_up_tracing(inner: str) -> None:
     graph = fx.symbolic_trace(_TwoLinears())
     fake_mode = FakeTensorMode()
     for placeholder in graph.graph.find_nodes(op="placeholder"):
-        placeholder.meta["example_value"] = fake_mode.from_tensor(torch.empty(2, 8))
+        placeholder.meta["example_value"] = fake_mode.from_tensor(torch.empty(2, 8, device="cpu"))
     token = _JOINT_GRAPHS.set(None)  # not one of the model's joint graphs: kept nowhere
     try:
         with torch.enable_grad():

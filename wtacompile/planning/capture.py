@@ -114,13 +114,16 @@ def _fake_parameters(model: torch.nn.Module, fake_mode) -> Iterator[tuple[torch.
     """Swap every parameter and buffer for a fake twin for the duration; put the originals back.
     Yields the twins."""
     swapped, twins = [], []
+    twin_of: dict[int, torch.Tensor] = {}  # one twin per tensor: a tied weight stays tied
     for module in model.modules():
         for store in (module._parameters, module._buffers):
             for name, tensor in list(store.items()):
                 if tensor is not None:
                     swapped.append((store, name, tensor))
-                    twins.append(fake_twin(tensor, fake_mode, _twin_device(tensor)))
-                    store[name] = twins[-1]
+                    if id(tensor) not in twin_of:
+                        twin_of[id(tensor)] = fake_twin(tensor, fake_mode, _twin_device(tensor))
+                        twins.append(twin_of[id(tensor)])
+                    store[name] = twin_of[id(tensor)]
     try:
         yield tuple(twins)
     finally:

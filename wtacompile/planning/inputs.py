@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from wtacompile._compat import unwrap_compiled
+
 __all__ = ["batch_one_only", "default_example_inputs"]
 
 
@@ -52,8 +54,11 @@ def batch_one_only(model: torch.nn.Module) -> str | None:
     ("Cannot handle batch sizes > 1 if no padding token is defined"). Recognised by that check
     in the class's ``forward``, so an encoder's classifier (BERT pools the first token) is not.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    base = unwrap_compiled(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT
     config = getattr(base, "config", None)
+    if hasattr(config, "get_text_config"):  # what transformers' own check reads (multimodal configs)
+        config = config.get_text_config()
     if config is None or getattr(config, "pad_token_id", 0) is not None:
         return None
     try:
@@ -62,4 +67,4 @@ def batch_one_only(model: torch.nn.Module) -> str | None:
         return None
     if "no padding token" not in source:
         return None
-    return f"{type(base).__name__} finds each row's last token by config.pad_token_id, which is not set"
+    return f"{type(base).__name__} finds each row's last token by its config's pad_token_id, which is not set"

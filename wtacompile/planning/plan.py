@@ -91,8 +91,9 @@ def plan(
     from the model's config at ``batch_size`` × ``seq_len``. With ``batch_size=None`` the plan is
     for the largest batch that fits with sampling; the search stops at ``max_batch`` (a plan whose
     largest batch reaches it says that larger ones may fit too). A model that runs batch 1 only (a
-    decoder's sequence classifier without ``config.pad_token_id``) is planned at batch 1 with that
-    as its largest batch, and says why; asked for any other batch, a ``ValueError`` names the fix.
+    decoder's sequence classifier without ``config.pad_token_id``) plans at ``batch_size=1``,
+    with 1 as its largest batch and the reason in ``Plan.max_batch_reason``; asked for the largest
+    batch or any other, a ``ValueError`` names the fix.
     ``seq_len`` given with
     ``example_inputs`` must match their length. A budget that cannot be met gives a plan with
     ``fits=False`` and advice; a sequence longer than the model's learned position table, a
@@ -150,7 +151,7 @@ def plan(
     max_batch_reason = batch_one_only(model) or ""
     if max_batch_reason:
         if trace_batch != 1:
-            raise ValueError(f"{max_batch_reason}: the model runs batch 1 only. Set model.config.pad_token_id "
+            raise ValueError(f"{max_batch_reason}: the model runs batch 1 only. Set its config's pad_token_id "
                              "(the tokenizer's pad_token_id, or its eos_token_id if it has none), or plan at "
                              "batch_size=1")
         max_batch = 1
