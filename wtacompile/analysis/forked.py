@@ -85,13 +85,15 @@ class Deferred(Generic[T]):
         self._work, self._what = work, what
         self._process = self._connection = None
         self._started = time.perf_counter()
-        if _can_fork() and _prepared(prepare, what) and _can_fork():  # (prepare may have changed that)
-            try:
-                self._start()
-            except Exception as error:  # noqa: BLE001 - no memory or process slots: trace here instead
-                log.warning("wtacompile: could not fork for %s (%s); tracing it in this process",
-                            what, error)
-                self._process = self._connection = None
+        if _can_fork():
+            _prepare(prepare, what)
+            if _can_fork():  # prepare may have initialised CUDA
+                try:
+                    self._start()
+                except Exception as error:  # noqa: BLE001 - no memory or process slots: trace here instead
+                    log.warning("wtacompile: could not fork for %s (%s); tracing it in this process",
+                                what, error)
+                    self._process = self._connection = None
 
     def cancel(self) -> None:
         """Stop the child, if any (its result is no longer wanted: the analysis failed meanwhile)."""
@@ -153,14 +155,13 @@ class Deferred(Generic[T]):
         return value
 
 
-def _prepared(prepare: Callable[[], object] | None, what: str) -> bool:
+def _prepare(prepare: Callable[[], object] | None, what: str) -> None:
     """Run ``prepare`` (a speed-up only: a failure is logged, and the work forks unprepared)."""
     if prepare is not None:
         try:
             prepare()
         except Exception as error:  # noqa: BLE001 - the child then does that setup itself
             log.debug("wtacompile: preparing to fork for %s failed (%s: %s)", what, type(error).__name__, error)
-    return True
 
 
 def beside(work: Callable[[], T], what: str, prepare: Callable[[], object] | None = None) -> Deferred[T]:
