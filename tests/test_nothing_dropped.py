@@ -244,6 +244,10 @@ def test_a_tied_head_answers_to_each_of_its_names():
                     exclude=("*lm_head*",))
     assert "transformer.wte.weight" not in [layer.weight for layer in excluded.layers]
     assert WTAConfig(exclude=("*lm_head*",)).ratio_for("transformer.wte.weight", ("lm_head.weight",)) is None
+    from wtacompile.eager import _name_filter  # eager mode (sample_linears) matches the same way
+
+    assert not _name_filter(model, (), ("*lm_head*",))(model.lm_head.weight)
+    assert _name_filter(model, ("lm_head.weight",), ())(model.transformer.wte.weight)
     assert WTAConfig(keep_ratios={"lm_head.weight": 0.5}).ratio_for("wte", ("lm_head.weight",)) == 0.5
 
 

@@ -113,14 +113,16 @@ def sample_linears(
 def _name_filter(model, include, exclude):
     if model is None:
         return lambda weight: True
-    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    names: dict[int, list[str]] = {}  # a tied weight answers to each of its names, as compiled
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
 
     def keep(weight: torch.Tensor) -> bool:
-        name = names.get(id(weight))
-        if name is None:
+        found = names.get(id(weight))
+        if found is None:
             return not include
-        if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
+        if include and not any(fnmatch.fnmatchcase(n, pat) for n in found for pat in include):
             return False
-        return not any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
+        return not any(fnmatch.fnmatchcase(n, pat) for n in found for pat in exclude)
 
     return keep
