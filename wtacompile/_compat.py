@@ -130,21 +130,24 @@ def placeholder_example(node: fx.Node) -> torch.Tensor | None:
     return example if isinstance(example, torch.Tensor) else None
 
 
+def all_parameter_names(module: torch.nn.Module) -> dict[int, tuple[str, ...]]:
+    """``id(parameter) → every name`` ``module.named_parameters()`` gives it, first first (a tied
+    parameter has several)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return {key: tuple(found) for key, found in names.items()}
+
+
 def parameter_names(model: torch.nn.Module) -> dict[int, str]:
     """``id(parameter) → name`` as ``model.named_parameters()`` spells it (first name of a tied one)."""
-    names: dict[int, str] = {}
-    for name, parameter in unwrap_compiled(model).named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), name)
-    return names
+    return {key: found[0] for key, found in all_parameter_names(unwrap_compiled(model)).items()}
 
 
 def parameter_aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
     """A tied parameter's other names, by its first (:func:`parameter_names`'s): GPT-2's
     ``{"transformer.wte.weight": ("lm_head.weight",)}``. Untied parameters are not listed."""
-    names: dict[int, list[str]] = {}
-    for name, parameter in unwrap_compiled(model).named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
-    return {first: tuple(rest) for first, *rest in names.values() if rest}
+    return {first: tuple(rest) for first, *rest in all_parameter_names(unwrap_compiled(model)).values() if rest}
 
 
 def source_parameter_name(source: str, *, buffers: bool = False) -> str | None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from wtacompile._compat import all_parameter_names
 from wtacompile.config import as_patterns, check_row_scores
 from wtacompile.estimator import DEFAULT_MIN_ROWS, validate_sampling_args
 from wtacompile.grad_predictor import row_cells, state_for
@@ -113,9 +114,7 @@ def sample_linears(
 def _name_filter(model, include, exclude):
     if model is None:
         return lambda weight: True
-    names: dict[int, list[str]] = {}  # a tied weight answers to each of its names, as compiled
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
+    names = all_parameter_names(model)  # a tied weight answers to each of its names, as compiled
 
     def keep(weight: torch.Tensor) -> bool:
         found = names.get(id(weight))
