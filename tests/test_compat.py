@@ -161,3 +161,30 @@ def test_views_resolve_to_their_storage(op):
     v = graph.call_function(op, (y, [4, 2]) if op is not torch.ops.aten.t.default else (y,))
     assert _compat.is_storage_view(v) and _compat.storage_root(v) is y
     assert not _compat.is_storage_view(y) and _compat.storage_root(y) is y
+
+
+def test_planning_capture_replays_side_effects_and_restores_dynamo():
+    """``without_dynamo_debug_text`` drops debug text only: a side effect of the traced forward
+    still happens, and dynamo's setting and function are back afterwards."""
+    import torch._dynamo.symbolic_convert as symbolic_convert
+
+    from wtacompile.planning.capture import capture_graphs
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.seen: list[int] = []
+
+        def forward(self, x):
+            self.seen.append(x.shape[0])  # a Python side effect dynamo replays after the graph
+            self.calls = len(self.seen)
+            return self.proj(x).sum()
+
+    funcname = getattr(symbolic_convert, "get_funcname", None)
+    policy = getattr(torch._dynamo.config, "side_effect_replay_policy", None)
+    model = Recording()
+    captured = capture_graphs(model, (torch.randn(3, 4),), None)
+    assert captured.graphs and model.seen == [3] and model.calls == 1
+    assert getattr(symbolic_convert, "get_funcname", None) is funcname
+    assert getattr(torch._dynamo.config, "side_effect_replay_policy", None) == policy

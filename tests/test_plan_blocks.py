@@ -127,3 +127,48 @@ def test_composed_plan_equals_full_trace_under_peft():
     full, composed = _plans(model, example_inputs=batch)
     assert any("lora_A" in w for w in full.keep_ratios)
     assert composed.to_json() == full.to_json()
+
+
+class _Scale(torch.nn.Module):
+    """A function wrapped in a module the modeling file holds (as transformers >= 5.25 does with
+    Llama's ``apply_rotary_pos_emb``): not one of the model's modules."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+_SCALE = _Scale()
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + _SCALE(self.proj(x))
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, layers: int):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_Block() for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x.square().mean()
+
+
+def test_a_module_held_outside_the_model_belongs_to_the_block_that_calls_it():
+    from wtacompile.analysis.graph_numbers import module_path
+    from wtacompile.planning.capture import capture_graphs
+
+    captured = capture_graphs(_Stack(2), (torch.randn(4, 8),), None)
+    gm = captured.graphs[0][0]
+    paths = {module_path(n) for n in gm.graph.nodes if n.op == "call_function"
+             and any("_SCALE" in source for source, _ in n.meta.get("nn_module_stack", {}).values())}
+    assert paths == {"layers.0", "layers.1"}
+    # So the blocks compose: every copy's saved bytes are counted, as in the full trace.
+    full, composed = _plans(_Stack(5), example_inputs=(torch.randn(4, 8),))
+    assert composed.to_json() == full.to_json()

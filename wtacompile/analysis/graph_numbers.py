@@ -162,13 +162,28 @@ _MODULE_DICT = re.compile(r"(?:__dict__\.)?_modules\.")  # a wrapper's module re
 _MODULE_KEY = re.compile(r"\._modules\['([^']*)'\]|\['([^']*)'\]|\[(\d+)\]")
 
 
+_SOURCE_ROOT = re.compile(r"^[A-Za-z_]\w*(?:\[[^\]]*\])*")
+
+
+def _root_object(source: str) -> str:
+    """The object a module source starts from: ``L['args'][0]`` of ``L['args'][0].model.layers.0``."""
+    match = _SOURCE_ROOT.match(source)
+    return match.group(0) if match else source
+
+
 def module_path(node: fx.Node) -> str:
     """The dotted path (as in ``named_modules()``) of the innermost module ``node`` was traced in:
     a forward node's ``nn_module_stack``, a backward node's ``fwd_nn_module_stack``; "" if none."""
     stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
     if not stack:
         return ""
-    path = _ROOT_OBJECT.sub("", next(reversed(stack.values()))[0])
+    sources = [source for source, _ in stack.values()]
+    # A module the model's code reaches from elsewhere is not one of the model's: transformers
+    # >= 5.25 wraps functions such as Llama's apply_rotary_pos_emb in a module held by the
+    # modeling file (G['__import_…modeling_llama'].apply_rotary_pos_emb). What it computes
+    # belongs to the model's module that called it.
+    root = _root_object(sources[0])
+    path = _ROOT_OBJECT.sub("", next(s for s in reversed(sources) if _root_object(s) == root))
     path = _MODULE_KEY.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
     return _MODULE_DICT.sub("", path).lstrip(".")
 

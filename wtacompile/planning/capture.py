@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from wtacompile._compat import compile_isolated, fake_twin, parameter_aliases, parameter_names
+from wtacompile._compat import (compile_isolated, fake_twin, parameter_aliases, parameter_names,
+                                without_dynamo_debug_text)
 from wtacompile.analysis.partition_trace import JointGraphs, copy_module, reusing_joint_graphs
 from wtacompile.config import WTAConfig
 from wtacompile.passes import ANALYSIS_PASSES, CompileState, run_passes
@@ -96,7 +97,7 @@ def capture_graphs(model: torch.nn.Module, example_inputs, symbolic_batch: int |
     # Planning compiles with a backend of its own in an isolated cache region: the user's
     # compiled functions keep their entries (another backend's entries never match ours, and ours
     # never count against their recompile limit), so nothing of theirs recompiles afterwards.
-    with _fake_parameters(model, fake_mode) as twins, torch.enable_grad(), fake_mode:
+    with _fake_parameters(model, fake_mode) as twins, torch.enable_grad(), fake_mode, without_dynamo_debug_text():
         compile_isolated(model, capture_backend)(*args, **kwargs)
     if not graphs:
         raise ValueError("plan(): the model produced no training graph (nothing requires grad?)")
