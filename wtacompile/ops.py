@@ -142,8 +142,8 @@ def _sampled_weight_grad(grad_2d: torch.Tensor, index: torch.Tensor, x_saved: to
     """``(G[index] + m)ᵀ x_saved``, ``m`` the :func:`_nonfinite_marker` (``0`` or NaN; none: ``0``).
 
     The gather-fused Triton GEMM where it runs, the marker added to its result. Elsewhere the
-    float32 reference on ``G + m``, which Inductor fuses with whatever produced ``G``: the add
-    joins the gather's kernel, for the gathered rows only, where one added to the ``(out, in)``
+    float32 reference's plain ops, which Inductor fuses with whatever produced ``G``, the marker
+    added to the gathered rows: the add joins the gather's kernel, where one added to the ``(out, in)``
     result becomes the bias of an ``addmm``, which first writes the broadcast marker over the
     whole result (measured on CPU: every weight gradient written twice; T5's 8192-row tied
     embedding 8.3 against 2.3 ms). ``m = 0`` leaves every entry as it was; ``m`` NaN makes every
@@ -152,9 +152,12 @@ def _sampled_weight_grad(grad_2d: torch.Tensor, index: torch.Tensor, x_saved: to
     if kernels.uses_triton(grad_2d):
         grad_w = kernels.sampled_weight_grad(grad_2d, index, x_saved)
         return grad_w if marker is None else grad_w + marker.to(grad_w.dtype)
-    # Compiled, Inductor computes the add only for the rows the gather reads.
-    return kernels.sampled_weight_grad_reference(grad_2d if marker is None else grad_2d + marker.to(grad_2d.dtype),
-                                                 index, x_saved)
+    if marker is None:
+        return kernels.sampled_weight_grad_reference(grad_2d, index, x_saved)
+    # The reference's steps with the add between gather and matmul: on the k gathered rows, not
+    # on all N of G (eager, that would be a pass over the whole of dY).
+    rows = grad_2d.index_select(0, index).float() + marker
+    return (rows.t() @ x_saved.float()).to(x_saved.dtype)
 
 
 def _nonfinite_marker(grad: torch.Tensor) -> torch.Tensor:
