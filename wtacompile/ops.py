@@ -143,11 +143,11 @@ def _sampled_weight_grad(grad_2d: torch.Tensor, index: torch.Tensor, x_saved: to
 
     The gather-fused Triton GEMM where it runs, the marker added to its result. Elsewhere the
     float32 reference's plain ops, which Inductor fuses with whatever produced ``G``, the marker
-    added to the gathered rows: the add joins the gather's kernel, where one added to the ``(out, in)``
-    result becomes the bias of an ``addmm``, which first writes the broadcast marker over the
-    whole result (measured on CPU: every weight gradient written twice; T5's 8192-row tied
-    embedding 8.3 against 2.3 ms). ``m = 0`` leaves every entry as it was; ``m`` NaN makes every
-    entry NaN either way.
+    added to the gathered rows: the add joins the gather's kernel, where one added to the
+    ``(out, in)`` result becomes the bias of an ``addmm``, which first writes the broadcast marker
+    over the whole result (measured on CPU: every weight gradient written twice; T5's 8192-row
+    tied embedding 8.3 against 2.3 ms). ``m = 0`` leaves every entry as it was; ``m`` NaN makes
+    every entry NaN either way.
     """
     if kernels.uses_triton(grad_2d):
         grad_w = kernels.sampled_weight_grad(grad_2d, index, x_saved)
