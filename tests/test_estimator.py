@@ -63,6 +63,18 @@ def test_non_finite_rows_are_always_kept(method):
         assert torch.isfinite(sel.scale).all()
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_more_non_finite_rows_than_slots_fill_every_slot_with_them(method):
+    scores = torch.rand(29) + 0.5
+    scores[[4, 9, 20]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    for k in (1, 2, 3):
+        sel = select_rows(scores, k, method)
+        assert set(sel.index.tolist()) <= {4, 9, 20} and len(set(sel.index.tolist())) == k
+        assert torch.equal(sel.scale, torch.ones(k))
+    sel = select_rows(torch.full((12,), float("nan")), 5, method)
+    assert len(set(sel.index.tolist())) == 5 and torch.equal(sel.scale, torch.ones(5))
+
+
 def test_residual_mass_zero_gives_exact_winners():
     scores = torch.zeros(40)
     scores[:3] = torch.tensor([5.0, 4.0, 3.0])

@@ -64,6 +64,7 @@ import torch
 METHODS: tuple[str, ...] = ("wtacrs", "crs", "uniform", "topk")
 UNBIASED_METHODS: tuple[str, ...] = ("wtacrs", "crs", "uniform")
 DEFAULT_MIN_ROWS = 10  # the reference implementation's floor on k
+_TINY = torch.finfo(torch.float32).tiny
 
 
 class RowSelection(NamedTuple):
@@ -127,44 +128,45 @@ def select_rows(
             torch.arange(n, device=device), torch.ones(n, device=device, dtype=torch.float32)
         )
 
-    finite = torch.isfinite(scores)
-    num_forced = (~finite).sum()
+    # One pass of ~40 small ops whatever the data, all shapes fixed by N and k: no host sync, so
+    # a GPU never waits on a draw; masks stand in for the slices a data-dependent c would allow.
+    finite = scores.abs() < torch.inf  # False for NaN and ±inf
     if method == "uniform":
         weights = finite.float()
     else:
         weights = torch.where(finite, scores.clamp_min(0.0), 0.0)
-    total = weights.sum()
-    # All-zero (finite) rows: X has no mass there, any unbiased rule works; use uniform.
-    weights = torch.where(total > 0, weights, finite.float())
-    total = weights.sum()
-    probs = weights / total.clamp_min(torch.finfo(torch.float32).tiny)
+        weights = weights / weights.amax().clamp_min(_TINY)  # at most 1: sums cannot overflow
+        # All-zero (finite) rows: X has no mass there, any unbiased rule works; use uniform.
+        weights = torch.where(weights.sum() > 0, weights, finite.float())
 
-    # Non-finite rows sort first, then by probability; the winners are a prefix of this order.
-    sort_key = torch.where(finite, probs, torch.inf)
-    order = torch.argsort(sort_key, descending=True, stable=True)
-    sorted_probs = probs[order]
+    # Non-finite rows sort first (key +inf), then by weight; the winners are a prefix of this
+    # order. Every ratio below is scale-free: the weights need not sum to 1.
+    sorted_key, order = torch.sort(torch.where(finite, weights, torch.inf), descending=True, stable=True)
+    sorted_weights = sorted_key.nan_to_num(posinf=0.0)  # forced rows: kept, never drawn
+    num_forced = n - finite.sum()
 
     positions = torch.arange(k + 1, device=device)
-    mass_before = torch.cat([sorted_probs.new_zeros(1), torch.cumsum(sorted_probs[:k], 0)])
-    residual_mass = (1.0 - mass_before).clamp_min(0.0)  # 1 − P_{top c}, c = 0..k
+    # Σ_{j ≥ c} w_(j), c = 0..k, as suffix sums: no cancellation where little mass is left.
+    tail = sorted_weights[k:].sum().reshape(1)
+    residual_mass = torch.cat([sorted_weights[:k].flip(0).cumsum(0).flip(0) + tail, tail])
 
     min_winners = torch.clamp(num_forced, max=k)
     if method == "topk":
-        num_winners = torch.tensor(k, device=device)
+        num_winners = torch.full((), k, device=device)
     elif method == "wtacrs":
-        slots = (k - positions).clamp_min(1).float()
-        objective = residual_mass / slots
-        # c = k (no residual draws) is allowed only when nothing is left to sample or forced.
-        exhausted = (residual_mass[k] <= 0) | (num_forced >= k)
-        objective[k] = torch.where(exhausted, 0.0, torch.inf)
+        # (W − W_{top c}) / (k − c) for c < k. c = k (no residual draws) is allowed only when no
+        # mass is left (0/0 → 0) or every slot is forced (the floor below); otherwise its
+        # x/0 = inf rules it out.
+        objective = (residual_mass / (k - positions)).nan_to_num(nan=0.0, posinf=torch.inf)
         objective = torch.where(positions < min_winners, torch.inf, objective)
-        num_winners = torch.argmin(objective)
+        # All inf only when every slot is forced: argmin's 0 is then floored to k.
+        num_winners = torch.maximum(torch.argmin(objective), min_winners)
     else:  # crs, uniform: winners only where forced (non-finite rows)
         num_winners = min_winners
 
-    # Residual draws: from rows at sorted position >= c, proportionally to p.
+    # Residual draws: from rows at sorted position >= c, proportionally to their weights.
     not_winner = torch.arange(n, device=device) >= num_winners
-    residual = torch.where(not_winner, sorted_probs, 0.0)
+    residual = torch.where(not_winner, sorted_weights, 0.0)
     residual_total = residual.sum()
     has_residual_mass = residual_total > 0
     draw_weights = torch.where(has_residual_mass, residual, not_winner.float())
@@ -172,16 +174,11 @@ def select_rows(
 
     slot = positions[:k]
     is_winner_slot = slot < num_winners
-    sorted_pick = torch.where(is_winner_slot, slot, draws)
-    index = order[sorted_pick]
-
-    num_draws = (k - num_winners).clamp_min(1).float()
-    picked_probs = sorted_probs[draws]
-    residual_scale = torch.where(
-        has_residual_mass & (picked_probs > 0),
-        residual_total / (num_draws * picked_probs.clamp_min(torch.finfo(torch.float32).tiny)),
-        0.0,
-    )
-    scale = torch.where(is_winner_slot, 1.0, residual_scale)
+    index = order[torch.where(is_winner_slot, slot, draws)]
+    # A drawn row has weight > 0 whenever there is residual mass (multinomial never picks a zero);
+    # without it the slots scale by 0 and the winners alone are the exact gradient. Winner slots'
+    # x/0 (c = k) is discarded by the outer where.
+    residual_scale = residual_total / ((k - num_winners) * sorted_weights[draws])
+    scale = torch.where(is_winner_slot, 1.0, torch.where(has_residual_mass, residual_scale, 0.0))
     return RowSelection(index, scale.float())
 
