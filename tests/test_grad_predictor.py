@@ -155,7 +155,10 @@ def test_compiled_gradient_aware_is_unbiased_and_learns():
     exact = torch.autograd.grad(model(x, mask, row_weight), model.down.weight)[0]
     samples = [torch.autograd.grad(compiled(x, mask, row_weight), model.down.weight)[0]
                for _ in range(1500)]
-    assert 0.6 < _z2(torch.stack(samples), exact) < 1.6
+    # Rows scaled by exp(N(0,1)) and every entry of dW from the same draws: mean z² spreads widely
+    # when unbiased (0.37–2.51 over eight runs of 1500 or 12000 draws, host and device draw, not
+    # growing with draws); a bias of 0.05 standard deviations would put it near 5 at 1500 draws.
+    assert 0.2 < _z2(torch.stack(samples), exact) < 4.0
     assert gp.sampler_state_dict(model)["down.weight"][-1].item() == gp.MIN_ZERO_OBSERVATIONS
 
 
