@@ -77,6 +77,11 @@ class RowSelection(NamedTuple):
     scale: torch.Tensor  # (k,) float32
 
 
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+
+
 def validate_sampling_args(keep_ratio: float, method: str, min_rows: int) -> None:
     """Raise ``ValueError`` naming the fix for an out-of-range ratio, unknown method or bad floor."""
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
@@ -86,8 +91,7 @@ def validate_sampling_args(keep_ratio: float, method: str, min_rows: int) -> Non
             f"keep_ratio must be in (0, 1], got {keep_ratio!r}; use 1.0 for the exact (dense) "
             "weight gradient and e.g. 0.3 to keep 30% of the rows"
         )
-    if method not in METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+    _check_method(method)
     if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
         raise ValueError(f"min_rows must be a positive int, got {min_rows!r}")
 
@@ -121,15 +125,14 @@ def select_rows(
     ``scores`` are non-negative per-row importance scores (row norms); non-finite scores mark rows
     that are always kept. Returns int64 indices and float32 scales, both of length ``k``.
 
-    Two implementations of the same choice: on a CPU, :func:`select_rows_on_host` (numpy, the
+    Two implementations of the same estimator: on a CPU, :func:`select_rows_on_host` (numpy, the
     number of winners read out, ~15 array ops); elsewhere :func:`select_rows_on_device` (torch,
     no host sync, ~40 ops of fixed shape, so a GPU never waits on a draw). A draw is a few dozen
     ops on ``N`` numbers, so on a CPU each op's fixed cost is most of it: the host version takes
     a third to a half of the torch version's time at 256–1024 rows. Both take their random
     numbers from torch's generator (``torch.manual_seed`` reproduces a draw).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+    _check_method(method)
     if scores.device.type == "cpu":
         return select_rows_on_host(scores, k, method, generator)
     return select_rows_on_device(scores, k, method, generator)
@@ -148,8 +151,7 @@ def select_rows_on_host(
     """:func:`select_rows` for CPU tensors, in numpy (float64), slicing where the device version
     masks. Residual draws are inverse-CDF lookups of ``torch.rand`` numbers in the residual
     weights' running sum, which never land on a zero-weight row."""
-    if method not in METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+    _check_method(method)
     if scores.device.type != "cpu":
         raise ValueError(f"select_rows_on_host needs CPU scores, got {scores.device}; use select_rows")
     values = scores.detach().reshape(-1).to(torch.float64).numpy()
@@ -209,8 +211,7 @@ def select_rows_on_device(
 ) -> RowSelection:
     """:func:`select_rows` in torch ops of fixed shape, without host synchronisation (any device;
     what a GPU runs)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+    _check_method(method)
     scores = scores.float()
     n = scores.numel()
     device = scores.device
